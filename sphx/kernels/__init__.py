@@ -1,0 +1,1 @@
+"""Numerical kernels: numpy and numba functions on plain arrays, no xarray, no dask."""

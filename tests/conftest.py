@@ -1,0 +1,67 @@
+"""Shared fixtures: the small instrument, synthetic raw cubes with truth, repositories."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sphx import SPHEREX_SMALL, Repository
+from sphx.testing import gain_product, synthetic_raw_cube
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def inst():
+    return SPHEREX_SMALL
+
+
+@pytest.fixture
+def raw_and_truth(inst):
+    return synthetic_raw_cube(inst, n_obs=3, bands=[1, 2, 4], seed=7)
+
+
+@pytest.fixture
+def raw(raw_and_truth):
+    return raw_and_truth[0]
+
+
+@pytest.fixture
+def truth(raw_and_truth):
+    return raw_and_truth[1]
+
+
+@pytest.fixture
+def repo(tmp_path, inst):
+    return Repository.create(tmp_path / "repo", instrument=inst)
+
+
+@pytest.fixture
+def repo_with_raw(repo, raw, truth):
+    repo.write_level("raw", raw)
+    repo.write_calibration("gain_factors", gain_product(truth.gains, [1, 2, 4]))
+    return repo
+
+
+def tree_digest(path: str | os.PathLike[str]) -> dict[str, str]:
+    """SHA-256 of every file under ``path`` (relative names), to prove a store unchanged."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = Path(root) / f
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_cubes_equal(a, b):
+    """Exact equality of two cubes, computing both."""
+    import xarray as xr
+
+    xr.testing.assert_identical(a.compute(), b.compute())
+    for name in a.data_vars:
+        assert a[name].dtype == b[name].dtype, name
+    np.testing.assert_array_equal(a["obs"].values, b["obs"].values)

@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+import pytest
+import xarray as xr
+
+from sphx.demo import run_demo
+from sphx.errors import SphxError
+
+
+def test_demo_runs_the_pipeline_and_checks_truth(tmp_path):
+    lines = []
+    result = run_demo(tmp_path / "out", profile="threads", n_exposures=2, log=lines.append)
+    assert result.worst_sky_error < 2e-3
+    assert result.output == (tmp_path / "out").resolve()
+    assert {p.name for p in result.output.iterdir()} == {".sphx-demo", "repository"}
+    assert set(result.repository.levels()) == {"raw", "quicklook"}
+    ql = xr.open_zarr(result.repository.level_url("quicklook"))
+    assert ql.sizes["obs"] == 2 and int((ql["write_id"] > 0).sum()) == 12
+    assert lines[0] == f"sphx demo: writing into {result.output}"
+    found = next(line for line in lines if "HOT/COLD/NONFUNC" in line)
+    assert found.split("found ")[1].split(" vs")[0] == found.split("injected ")[1]
+    # running it again replaces its own output; it never deletes anything else
+    run_demo(tmp_path / "out", profile="synchronous", n_exposures=1, log=lambda s: None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(SphxError, match="was not made by 'sphx demo'"):
+        run_demo(tmp_path / "mine", log=lambda s: None)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_demo_command_on_the_embedded_cluster(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sphx", "demo", "--exposures", "2"], cwd=tmp_path,
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"writing into {tmp_path / 'sphx-demo'}" in proc.stdout
+    assert "compute: distributed.LocalCluster()" in proc.stdout and "dashboard: http" in proc.stdout
+    assert (tmp_path / "sphx-demo" / "repository" / "quicklook.zarr" / "zarr.json").exists()

@@ -1,0 +1,130 @@
+"""Recipes on real Dask processes started the way users start them."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sphx import Repository, run_recipe
+from sphx.errors import ComputeError
+from sphx.pipeline.compute import load_profiles, make_cluster, resolve_compute
+from sphx.testing import gain_product, synthetic_raw_cube
+
+from .conftest import assert_cubes_equal
+
+QUICKLOOK = Path(__file__).resolve().parents[1] / "recipes" / "quicklook.yaml"
+
+def _dask_cli(*args):
+    exe = shutil.which("dask")
+    return [exe, *args] if exe else [sys.executable, "-m", "dask", *args]
+
+
+@pytest.fixture
+def loopback_cluster(tmp_path):
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1."""
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen(
+        _dask_cli("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                  "--scheduler-file", str(sched_file)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        for _ in range(300):
+            if sched_file.exists() and sched_file.stat().st_size:
+                break
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                _dask_cli("worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
+                          "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address, sched_file
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _repo(path, inst):
+    cube, truth = synthetic_raw_cube(inst, n_obs=4, bands=[1, 3, 5], seed=21)
+    repo = Repository.create(path, instrument=inst)
+    repo.write_level("raw", cube)
+    repo.write_calibration("gain_factors", gain_product(truth.gains, [1, 3, 5]))
+    return repo
+
+
+def test_recipe_on_a_real_scheduler_equals_the_embedded_cluster_run(tmp_path, inst, loopback_cluster):
+    address, sched_file = loopback_cluster
+    remote = _repo(tmp_path / "remote", inst)
+    cli = subprocess.run(
+        [sys.executable, "-m", "sphx", "run", str(QUICKLOOK), "--repo", remote.location, "--scheduler", address],
+        capture_output=True, text=True, check=False, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert f"scheduler at {address} (2 workers)" in cli.stderr and "dashboard:" in cli.stderr
+    assert "quicklook: 12 image(s) written" in cli.stderr
+
+    by_file = _repo(tmp_path / "by_file", inst)
+    run_recipe(QUICKLOOK, by_file, scheduler_file=sched_file, log=lambda s: None)
+
+    embedded = _repo(tmp_path / "embedded", inst)
+    spec = resolve_compute(profile={"cluster": {"kwargs": {"n_workers": 2, "threads_per_worker": 1,
+                                                           "dashboard_address": ":0"}}})
+    lines = []
+    run_recipe(QUICKLOOK, embedded, compute=spec, log=lines.append)
+    assert any(line.startswith("dashboard: http://") for line in lines)
+
+    reference = embedded.open_level("quicklook")
+    assert_cubes_equal(remote.open_level("quicklook"), reference)
+    assert_cubes_equal(by_file.open_level("quicklook"), reference)
+    assert remote.image_provenance("quicklook", band=5, obs=reference["obsid"].values[-1])["compute"] \
+        == f"scheduler at {address}"
+
+
+def test_slurm_profile_builds_a_jobqueue_cluster():
+    pytest.importorskip("dask_jobqueue")
+    spec = resolve_compute(profile={"cluster": {
+        "type": "dask_jobqueue.SLURMCluster",
+        "kwargs": {"cores": 8, "memory": "32GiB", "processes": 2, "walltime": "01:30:00", "queue": "debug",
+                   "scheduler_options": {"dashboard_address": ":0"}},
+        "scale": {"jobs": 4}}})
+    assert spec.cluster.scale == {"jobs": 4}
+    with make_cluster(spec) as cluster:  # not scaled: no sbatch is needed to build it
+        script = cluster.job_script()
+    assert "#SBATCH -p debug" in script and "#SBATCH --cpus-per-task=8" in script
+    assert "#SBATCH -t 01:30:00" in script and "--nworkers 2" in script
+    assert "slurm" in load_profiles()
+
+
+def test_profiles_from_a_user_file(tmp_path, monkeypatch):
+    f = tmp_path / "compute.yaml"
+    f.write_text("profiles:\n  big: {cluster: {kwargs: {n_workers: 8}}}\n  head: {address: 'tcp://h:8786'}\n")
+    monkeypatch.setenv("SPHX_COMPUTE_CONFIG", str(f))
+    assert resolve_compute(profile="big").cluster.kwargs == {"n_workers": 8}
+    assert resolve_compute(profile="head").address == "tcp://h:8786"
+    assert resolve_compute().cluster.type == "distributed.LocalCluster"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"profile": "warp"}, "unknown compute profile 'warp'"),
+    ({"profile": {"address": "tcp://a:1", "cluster": {}}}, "give only one of address, scheduler_file and cluster"),
+    ({"profile": {"scheduler": "threads", "address": "tcp://a:1"}}, "runs locally and takes no address"),
+    ({"profile": {"workers": 3}}, "Extra inputs are not permitted"),
+    ({"scheduler": "tcp://a:1", "profile": "local"}, "choose one of --profile, --scheduler"),
+])
+def test_bad_compute_settings(kwargs, message):
+    with pytest.raises(ComputeError, match=message):
+        resolve_compute(**kwargs)
