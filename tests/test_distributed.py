@@ -71,11 +71,12 @@ def test_recipe_on_a_real_scheduler_equals_the_embedded_cluster_run(tmp_path, in
     address, sched_file = loopback_cluster
     remote = _repo(tmp_path / "remote", inst)
     cli = subprocess.run(
-        [sys.executable, "-m", "sphx", "run", str(QUICKLOOK), "--repo", remote.location, "--scheduler", address],
+        [sys.executable, "-m", "sphx", "run", str(QUICKLOOK), "--repo", remote.location, "--scheduler", address,
+         "--progress"],
         capture_output=True, text=True, check=False, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert f"scheduler at {address} (2 workers)" in cli.stderr and "dashboard:" in cli.stderr
-    assert "quicklook: 12 image(s) written" in cli.stderr
+    assert "quicklook: 12 image(s) written" in cli.stderr and "quicklook: images [" in cli.stderr
 
     by_file = _repo(tmp_path / "by_file", inst)
     run_recipe(QUICKLOOK, by_file, scheduler_file=sched_file, log=lambda s: None)

@@ -186,3 +186,13 @@ def test_cli_info_and_steps(repo_with_raw):
 def test_check_recipe_returns_resolved_versions(repo_with_raw):
     plan = check_recipe(load_recipe(QUICKLOOK), repo_with_raw)
     assert plan[0]["steps"][0]["calibrations"] == {"gain_factors": 1}
+
+
+def test_progress_is_shown(repo_with_raw, capsys):
+    updates = []
+    run_recipe(QUICKLOOK, repo_with_raw, profile="threads", progress=lambda done, total: updates.append((done, total)),
+               log=lambda s: None)
+    assert updates[-1] == (9, 9) and [d for d, _ in updates] == sorted(d for d, _ in updates)
+    repo_with_raw.write_level("raw", repo_with_raw.open_level("raw"), overwrite=True, progress=True)
+    bar = capsys.readouterr().err
+    assert "raw: images [" in bar and "9/9" in bar

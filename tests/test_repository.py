@@ -16,6 +16,7 @@ from sphx import Repository, open_repository
 from sphx.errors import (
     CalibrationError,
     CalibrationNotFoundError,
+    CubeValidationError,
     DuplicateExposureError,
     IncompleteWriteWarning,
     OrderError,
@@ -322,3 +323,31 @@ def test_open_or_create(tmp_path, inst):
     repo = open_repository(tmp_path / "new", create=True, instrument=inst)
     assert open_repository(tmp_path / "new").instrument == inst
     assert repo.levels() == []
+
+
+def test_later_writes_may_add_variables(repo, inst):
+    cube, _ = synthetic_raw_cube(inst, n_obs=3, bands=[1, 2], seed=5)
+    bare = cube.drop_vars([v for v in cube.variables if str(v).startswith("wcs_")] + ["CWAVE", "CBAND", "target"])
+    repo.write_level("raw", bare.isel(obs=[0]))
+    repo.write_level("raw", cube.isel(obs=[1, 2]))
+    back = repo.open_level("raw")
+    assert "CWAVE" in back.coords and "target" in back.coords and "wcs_crval" in back.data_vars
+    assert np.isnan(back["wcs_crval"].isel(obs=0)).all() and np.isfinite(back["wcs_crval"].isel(obs=[1, 2])).all()
+    assert back["target"].values.tolist() == [0, 684, 684]  # absent metadata reads as the fill value
+    assert_cubes_equal(back.isel(obs=[1, 2]), cube.isel(obs=[1, 2]))
+    assert "CWAVE" in xr.open_zarr(repo.level_url("raw")).coords
+
+
+def test_refused_writes_leave_no_trace(repo, raw):
+    repo.write_level("raw", raw.isel(obs=[1]))
+    before = tree_digest(repo.location)
+    extra = raw.isel(obs=[0]).assign(stat_extra=(("band", "obs"), np.ones((3, 1))))
+    with pytest.raises(OrderError):
+        repo.write_level("raw", extra)  # a new variable, but the observation is out of order
+    with pytest.raises(CubeValidationError, match="CWAVE of band 1 differs from the map stored"):
+        repo.write_level("raw", raw.isel(obs=[2]).assign_coords(CWAVE=raw["CWAVE"] * 1.01))
+    wrong_units = raw.isel(obs=[2]).copy()
+    wrong_units["IMAGE"].attrs["units"] = "electron / s"
+    with pytest.raises(CubeValidationError, match="expected 'adu / s'"):
+        repo.write_level("raw", wrong_units)
+    assert tree_digest(repo.location) == before

@@ -309,16 +309,17 @@ class LevelStore:
     def _release(self) -> None:
         self.loc.remove(*self._lock_parts())
 
-    def recover(self) -> bool:
+    def recover(self, *, locked: bool = False) -> bool:
         """Roll back an append that was interrupted while growing the arrays.
 
-        Returns True if there was something to roll back. Refuses while a live process
-        holds the level's lock (it may be appending right now).
+        Returns True if there was something to roll back. Unless the caller holds the
+        level's lock (``locked``), refuses while a live writer holds it: it may be
+        appending right now.
         """
         if not self.loc.exists(*self._journal_parts()):
             return False
-        holder = self._lock_holder()
-        if holder is not None and holder.get("pid") != os.getpid():
+        holder = None if locked else self._lock_holder()
+        if holder is not None:
             raise RepositoryLockedError(
                 f"level {self.name!r} is being appended by pid {holder.get('pid')} on {holder.get('host')}; "
                 "open it again when the write has finished"
@@ -394,7 +395,7 @@ class LevelStore:
         keep_band = chosen_band & present[:, keep_obs].any(axis=1)
         n_interrupted = 0 if include_incomplete else int((wid[np.ix_(chosen_band, chosen_obs)] < 0).sum())
         band_idx, obs_idx = np.flatnonzero(keep_band), np.flatnonzero(keep_obs)
-        hidden = ~present[np.ix_(band_idx, obs_idx)] & (wid[np.ix_(band_idx, obs_idx)] < 0)
+        hidden = (wid[np.ix_(band_idx, obs_idx)] < 0) & (not include_incomplete)
         # Pixel variables become dask arrays before selecting (whole blocks are picked, no
         # copies; selecting on the lazy backend first is 2-3x slower); the rest is loaded.
         pixel = {n: _select(v, band_idx, obs_idx, chunks or {})
@@ -450,23 +451,26 @@ class LevelStore:
             validate_cube(cube, level=self.level, instrument=self.instrument)
         self._acquire()
         try:
-            self.recover()
+            self.recover(locked=True)
             if not self.exists():
                 self._create(cube)
-            else:
-                self._evolve(cube)
+            # Every check comes before the first change: a refused write leaves no trace.
+            self._check_schema(cube)
             index = self.read_index()
             plan = self._plan(cube, index, overwrite=overwrite)
             n_todo = int(plan.todo.sum())
             if not n_todo:
                 return WriteReport(self.name, None, 0, plan.skipped, 0, time.monotonic() - t0)
+            static = self._static_updates(cube, plan.band_pos)
+            self._add_variables(cube)
             g = self._group(write=True)
+            for name, bp, values in static:
+                g[name][bp] = values
             meta = dict(g.attrs.get("sphx", {}))
             write_id = int(meta.get("writes", 0)) + 1
             meta.update({"writes": write_id, "updated": utc_now()})
             g.attrs["sphx"] = meta
             self._append(cube, plan, index)
-            self._write_static(cube, plan.band_pos)
             record = make_record(
                 kind="level", target=self.name, record_id=write_id, provenance=provenance,
                 images=n_todo, overwrite=overwrite,
@@ -542,8 +546,8 @@ class LevelStore:
                      zarr_format=3, encoding=enc)
         self._consolidate()
 
-    def _evolve(self, cube: xr.Dataset) -> None:
-        """Check the cube against the stored schema; add variables the store lacks."""
+    def _check_schema(self, cube: xr.Dataset) -> None:
+        """Refuse a cube whose geometry, dims, dtypes or units differ from the stored ones."""
         stored = self.schema()
         g = self._group()
         problems = []
@@ -562,10 +566,14 @@ class LevelStore:
                 problems.append(f"{name} has units {var.attrs['units']!r}, the level stores {s['units']!r}")
         if problems:
             raise CubeValidationError(problems, level=self.name)
+
+    def _add_variables(self, cube: xr.Dataset) -> None:
+        """Create the arrays of variables the store does not have yet (filled)."""
+        stored = self.schema()
         new = [str(n) for n in cube.variables if str(n) not in stored and n not in ("band", "obs")]
         if not new:
             return
-        n_obs = g["obs"].shape[0]
+        n_obs = self._group()["obs"].shape[0]
         tmpl, enc = self._template(cube, new, n_obs)
         tmpl.to_zarr(self.loc.zarr_store(self.dirname), mode="a", compute=False, consolidated=False,
                      zarr_format=3, encoding=enc)
@@ -651,23 +659,26 @@ class LevelStore:
             block[rows, op - lo] = -1
         wid[:, lo:hi] = block
 
-    def _write_static(self, cube: xr.Dataset, band_pos: np.ndarray) -> None:
-        g = self._group(write=True)
+    def _static_updates(self, cube: xr.Dataset, band_pos: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
+        """Per-band static maps (CWAVE, CBAND...) to store; refuses maps that differ from stored ones."""
+        g = self._group()
+        updates = []
         for name, var in cube.variables.items():
             if var_kind(var.dims) != "static" or var.dims[:1] != ("band",) or name in cube.indexes:
                 continue
             values = np.asarray(var.values)
-            target = g[str(name)]
-            for i, bp in enumerate(band_pos):
-                stored = target[int(bp)]
-                if np.all(stored == _fill(var.dtype, str(name))) or (var.dtype.kind == "f" and np.all(np.isnan(stored))):
-                    target[int(bp)] = values[i]
+            for i, bp in enumerate(band_pos.tolist()):
+                stored = g[str(name)][bp] if str(name) in g else None
+                if stored is None or np.all(stored == _fill(var.dtype, str(name))) or (
+                        var.dtype.kind == "f" and np.all(np.isnan(stored))):
+                    updates.append((str(name), bp, values[i]))
                 elif not np.array_equal(stored, values[i], equal_nan=var.dtype.kind == "f"):
                     raise CubeValidationError(
-                        [(f"{name} of band {int(cube['band'][i])} differs from the map stored with level "
-                         f"{self.name!r}; a changed static map needs a new level or repository")],
+                        [f"{name} of band {int(cube['band'][i])} differs from the map stored with level "
+                         f"{self.name!r}; a changed static map needs a new level or repository"],
                         level=self.name,
                     )
+        return updates
 
     # store images -----------------------------------------------------------------
     def _store(self, cube: xr.Dataset, plan: _Plan, write_id: int, progress: Progress) -> int:

@@ -88,5 +88,4 @@ class ProductStore:
                 chunked[n] = var.chunk({d: 1 if d == "band" else -1 for d in var.dims})
             elif n not in ds.indexes:
                 var.load()
-        ds = ds.assign_coords({k: v for k, v in chunked.items() if k in ds.coords})
-        return ds.assign({k: v for k, v in chunked.items() if k in ds.data_vars})
+        return ds.assign(chunked)  # coordinates stay coordinates
