@@ -75,6 +75,13 @@ class LevelNotFoundError(RepositoryError, KeyError):
         return str(self.args[0])
 
 
+class SelectionError(RepositoryError, KeyError):
+    """A selection of bands or observations that the level does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class RepositoryLockedError(RepositoryError):
     """Another live process is writing the same level."""
 

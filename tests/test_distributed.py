@@ -129,3 +129,10 @@ def test_profiles_from_a_user_file(tmp_path, monkeypatch):
 def test_bad_compute_settings(kwargs, message):
     with pytest.raises(ComputeError, match=message):
         resolve_compute(**kwargs)
+
+
+def test_cluster_that_cannot_start_is_a_clear_error():
+    pytest.importorskip("dask_jobqueue")
+    spec = resolve_compute(profile={"cluster": {"type": "dask_jobqueue.SLURMCluster", "kwargs": {"cores": 4}}})
+    with pytest.raises(ComputeError, match=r"cannot start dask_jobqueue\.SLURMCluster"):
+        make_cluster(spec)

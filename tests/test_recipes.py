@@ -196,3 +196,10 @@ def test_progress_is_shown(repo_with_raw, capsys):
     repo_with_raw.write_level("raw", repo_with_raw.open_level("raw"), overwrite=True, progress=True)
     bar = capsys.readouterr().err
     assert "raw: images [" in bar and "9/9" in bar
+
+
+def test_unknown_band_in_selection(tmp_path, repo_with_raw):
+    path = write(tmp_path, base() | {"select": {"bands": [2, 7]}})
+    with pytest.raises(RecipeError) as e:
+        run_recipe(path, repo_with_raw, dry_run=True)
+    assert_recipe_error(e, path, "select.bands", "band(s) [7] are not detectors of instrument 'SPHEREx-small'")

@@ -22,6 +22,7 @@ from sphx.errors import (
     OrderError,
     RepositoryLockedError,
     RepositoryNotFoundError,
+    SelectionError,
     WriteError,
 )
 from sphx.testing import gain_product, raise_if_dask_computes, synthetic_raw_cube
@@ -247,6 +248,8 @@ def test_selection_on_open(repo, raw):
     assert sel["band"].values.tolist() == [4] and sel.sizes["obs"] == 2
     t = raw["mjd_avg"].values
     assert repo.open_level("raw", start=t[1], end=t[1])["obsid"].values.tolist() == ["2025W51_1A_0684_2"]
+    with pytest.raises(SelectionError, match=r"band\(s\) \[7\] not in level 'raw'"):
+        repo.open_level("raw", bands=[7])
 
 
 def test_calibration_products_are_versioned(repo, truth):

@@ -56,6 +56,7 @@ from ..errors import (
     LevelNotFoundError,
     OrderError,
     RepositoryLockedError,
+    SelectionError,
     WriteError,
 )
 from ..instrument import Instrument
@@ -389,7 +390,8 @@ class LevelStore:
         if bands is not None:
             unknown = sorted(set(bands) - set(ds["band"].values.tolist()))
             if unknown:
-                raise KeyError(f"band(s) {unknown} not in level {self.name!r} (bands {ds['band'].values.tolist()})")
+                raise SelectionError(f"band(s) {unknown} not in level {self.name!r} "
+                                     f"(bands {ds['band'].values.tolist()})")
             chosen_band = np.isin(ds["band"].values, list(bands))
         keep_obs = chosen_obs & present[chosen_band].any(axis=0)
         keep_band = chosen_band & present[:, keep_obs].any(axis=1)
@@ -674,8 +676,8 @@ class LevelStore:
                     updates.append((str(name), bp, values[i]))
                 elif not np.array_equal(stored, values[i], equal_nan=var.dtype.kind == "f"):
                     raise CubeValidationError(
-                        [f"{name} of band {int(cube['band'][i])} differs from the map stored with level "
-                         f"{self.name!r}; a changed static map needs a new level or repository"],
+                        [(f"{name} of band {int(cube['band'][i])} differs from the map stored with level "
+                          f"{self.name!r}; a changed static map needs a new level or repository")],
                         level=self.name,
                     )
         return updates

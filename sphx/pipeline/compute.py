@@ -149,7 +149,11 @@ def _import(dotted: str) -> Callable[..., Any]:
 def make_cluster(spec: ComputeSpec):
     """Instantiate the cluster of a ``cluster`` profile (not scaled)."""
     cluster = spec.cluster or ClusterSpec()
-    return _import(cluster.type)(**cluster.kwargs)
+    cls = _import(cluster.type)
+    try:
+        return cls(**cluster.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ComputeError(f"cannot start {cluster.type} with {cluster.kwargs}: {e}") from None
 
 
 @contextlib.contextmanager

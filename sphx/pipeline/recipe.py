@@ -293,6 +293,10 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
         configs, calibration versions, output level.
     """
     file = recipe.file
+    unknown = sorted(set(recipe.select.bands or ()) - set(repo.instrument.band_numbers))
+    if unknown:
+        raise _err(f"band(s) {unknown} are not detectors of instrument {repo.instrument.name!r} "
+                   f"(bands {list(repo.instrument.band_numbers)})", file, "select.bands")
     produced: dict[str, _Frame] = {}
     plan = []
     versions: dict[str, int] = {}
