@@ -15,7 +15,6 @@ the recipes write. What runs today:
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +115,3 @@ def run_demo(
     say(f"  flagged HOT/COLD/NONFUNC pixels found {counts.tolist()} vs injected {injected}")
     say(f"done: open the levels with xarray.open_zarr('{repo.level_url('quicklook')}')")
     return DemoResult(out, repo, run, max(errors) if errors else float("nan"))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    run_demo(sys.argv[1] if len(sys.argv) > 1 else "sphx-demo")
