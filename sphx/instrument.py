@@ -232,10 +232,6 @@ class Instrument:
         lam = b.wavelength_max * (b.wavelength_min / b.wavelength_max) ** frac
         return np.where((yy >= 0) & (yy < self.n_active), lam, np.nan)
 
-    def psf_zone_centers(self) -> np.ndarray:
-        """Centres of the PSF zones along one axis, 0-based pixel coordinates."""
-        return (np.arange(self.psf_zones) + 0.5) * self.n_active / self.psf_zones - 0.5
-
     # --- derived instruments and serialisation ----------------------------------------
     def scaled(self, *, readout_channel_width: int, name: str | None = None, **changes: Any) -> Instrument:
         """The same structure with narrower readout channels (a smaller detector).

@@ -52,6 +52,8 @@ def test_spectral_layout():
         edges = SPHEREX.channel_edges(b.number)
         assert edges.size == 18 and np.all(np.diff(edges) > 0)
         assert edges[0] == pytest.approx(b.wavelength_min) and edges[-1] == pytest.approx(b.wavelength_max)
+        centers = SPHEREX.channel_centers(b.number)
+        assert centers.size == 17 and np.all((edges[:-1] < centers) & (centers < edges[1:]))
         lam = SPHEREX.nominal_wavelength(b.number, np.arange(-4, 2044))
         assert np.isnan(lam[:4]).all() and np.isnan(lam[-4:]).all()
         inner = lam[4:-4]

@@ -751,40 +751,33 @@ class LevelStore:
             results.clear()
 
         pending: list[dict[str, Any]] = []
+        last_flush = time.monotonic()
+
+        def record(result: dict[str, Any]) -> None:
+            # Runs on the client thread in both modes, so writing metadata here is safe.
+            nonlocal last_flush
+            pending.append(result)
+            progress.update(int(result["todo"].sum()))
+            if time.monotonic() - last_flush > FLUSH_SECONDS:
+                flush(pending)
+                last_flush = time.monotonic()
+
         client = _current_client()
         try:
             if client is not None:
                 from distributed import as_completed
 
                 futures = client.compute(delayed)
-                last = time.monotonic()
                 try:
                     for fut in as_completed(futures):
-                        result = fut.result()
-                        pending.append(result)
-                        progress.update(int(result["todo"].sum()))
-                        if time.monotonic() - last > FLUSH_SECONDS:
-                            flush(pending)
-                            last = time.monotonic()
+                        record(fut.result())
                 except BaseException:
                     client.cancel(futures)
                     raise
             else:
                 keys = {d.key for d in delayed}
-                last = time.monotonic()
-
-                def collect(key, result, dsk, state, worker_id):
-                    # Local schedulers call back on the thread that runs the graph, so the
-                    # metadata can be written here while worker threads store images.
-                    nonlocal last
-                    if key in keys:
-                        pending.append(result)
-                        progress.update(int(result["todo"].sum()))
-                        if time.monotonic() - last > FLUSH_SECONDS:
-                            flush(pending)
-                            last = time.monotonic()
-
-                with Callback(posttask=collect):
+                # Local schedulers call back on the thread that runs the graph.
+                with Callback(posttask=lambda key, result, *_: record(result) if key in keys else None):
                     dask.compute(*delayed)
         except BaseException as exc:
             flush(pending)

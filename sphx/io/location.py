@@ -12,7 +12,6 @@ import json
 import os
 import posixpath
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -126,17 +125,6 @@ class Location:
             return False
         self.fs.pipe_file(p, data)
         return True
-
-    def rename(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
-        """Move a file or directory (atomic on a local disk)."""
-        if self.local:
-            os.makedirs(os.path.dirname(self.path(*dst)), exist_ok=True)
-            os.replace(self.path(*src), self.path(*dst))
-        else:
-            self.fs.mv(self.path(*src), self.path(*dst), recursive=True)
-
-    def scratch_name(self, prefix: str) -> str:
-        return f".{prefix}-{uuid.uuid4().hex[:12]}"
 
     # --- stores --------------------------------------------------------------------
     def zarr_store(self, *parts: str, read_only: bool = False) -> zarr.abc.store.Store:

@@ -105,10 +105,6 @@ class Step:
     frame: Frame = "any"
     output_frame: Frame | None = None
 
-    @property
-    def summary(self) -> str:
-        return (self.func.__doc__ or "").strip().splitlines()[0] if self.func.__doc__ else self.module
-
     def make_config(self, config: StepConfig | Mapping[str, Any] | None = None, **options: Any) -> StepConfig:
         """Validate a configuration; raises :class:`~sphx.errors.ConfigError` naming bad keys."""
         if isinstance(config, self.config) and not options:
