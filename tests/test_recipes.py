@@ -157,6 +157,8 @@ def test_pinned_calibration_version_must_exist(tmp_path, repo_with_raw):
 def test_bad_override(tmp_path):
     with pytest.raises(RecipeError, match="no list entry 7"):
         load_recipe(QUICKLOOK, overrides=["stages.7.input=raw"])
+    with pytest.raises(RecipeError, match=r"stages\.0\.steps\.0 is not a mapping or list"):
+        load_recipe(QUICKLOOK, overrides=["stages.0.steps.0.config.x=1"])
 
 
 # --- the command line ----------------------------------------------------------------------

@@ -136,9 +136,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, file: str | None)
             nxt = node.setdefault(p, {})
         else:
             raise _err(f"override {dotted!r}: {'.'.join(parts[:i])} is not a mapping or list", file, dotted)
-        if isinstance(nxt, str) and parts[i + 1] == "config" and isinstance(node, list):
-            # A bare step name gains a config mapping when overridden.
-            node[int(p)] = nxt = {"step": nxt}
         node = nxt
     last = parts[-1]
     if isinstance(node, list):
@@ -299,7 +296,6 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
                    f"(bands {list(repo.instrument.band_numbers)})", file, "select.bands")
     produced: dict[str, _Frame] = {}
     plan = []
-    versions: dict[str, int] = {}
     for stage in recipe.stages:
         if stage.input in produced:
             frame, source = _Frame(dict(produced[stage.input].units), produced[stage.input].raw_frame), "earlier stage"
@@ -336,7 +332,7 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
                 if version not in available:
                     raise _err(f"calibration {product!r} has no version {version} (versions {available})",
                                file, f"calibrations.{product}")
-                used[product] = versions[product] = version
+                used[product] = version
             for var in step.removes:
                 frame.units.pop(var, None)
             for var, units in step.converts.items():
