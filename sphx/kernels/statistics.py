@@ -8,6 +8,11 @@ import numpy as np
 __all__ = ["image_statistics", "image_statistics_stack"]
 
 _ROBUST = 1.482602218505602  # MAD to standard deviation for a normal distribution
+# De Bruijn lookup of the lowest set bit: visits only the bits a pixel carries (SOURCE
+# alone is set on 40-70 % of real pixels, so a loop over all 32 bits doubles the cost).
+_DEBRUIJN = np.uint64(0x077CB531)
+_BIT_OF = np.array([0, 1, 28, 2, 29, 14, 24, 3, 30, 22, 20, 15, 25, 17, 4, 8,
+                    31, 27, 13, 23, 21, 19, 16, 7, 26, 12, 18, 6, 11, 5, 10, 9], dtype=np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -30,26 +35,17 @@ def image_statistics(image, flags, bad, bits):
         good. ``counts[k]`` is the number of pixels carrying bit ``bits[k]``.
     """
     ny, nx = image.shape
-    good = np.empty(ny * nx, np.float32)
-    per_bit = np.zeros(32, np.int64)
+    good = np.empty(ny * nx, image.dtype)
     n = 0
     total = 0.0
-    lo = np.inf
-    hi = -np.inf
     for i in range(ny):
         for j in range(nx):
-            f = np.uint32(flags[i, j])
-            if f:
-                for b in range(32):
-                    if (f >> b) & 1:
-                        per_bit[b] += 1
             v = image[i, j]
-            if (f & bad) == 0 and np.isfinite(v):
+            if (flags[i, j] & bad) == 0 and np.isfinite(v):
                 good[n] = v
                 n += 1
                 total += v
-                lo = min(lo, v)
-                hi = max(hi, v)
+    per_bit = _bit_counts(flags)
     counts = np.empty(bits.size, np.int64)
     for k in range(bits.size):
         counts[k] = per_bit[bits[k]]
@@ -57,9 +53,21 @@ def image_statistics(image, flags, bad, bits):
         return 0, np.nan, np.nan, np.nan, np.nan, np.nan, counts
     vals = good[:n]
     med = _median(vals)
-    dev = np.abs(vals - med)
-    mad = _median(dev)
-    return n, total / n, med, _ROBUST * mad, lo, hi, counts
+    # Deviations stay in the image dtype: float64 would double the second partition's cost.
+    mad = _median(np.abs(vals - vals.dtype.type(med)))
+    return n, total / n, med, _ROBUST * mad, np.float64(vals.min()), np.float64(vals.max()), counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _bit_counts(flags):
+    per_bit = np.zeros(32, np.int64)
+    for f0 in flags.ravel():
+        f = np.uint64(f0)
+        while f:
+            low = f & (~f + np.uint64(1))
+            per_bit[_BIT_OF[((low * _DEBRUIJN) >> np.uint64(27)) & np.uint64(31)]] += 1
+            f ^= low
+    return per_bit
 
 
 @numba.njit(nogil=True, cache=True)
