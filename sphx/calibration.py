@@ -75,8 +75,31 @@ for _spec in (
     ProductSpec("solid_angle_pixel_map", "solid angle of every pixel", {"SAPM": (PIXEL_DIMS, "arcsec2")}),
     ProductSpec("nonfunc", "mask of permanently unusable pixels", {"NONFUNC": (PIXEL_DIMS, None)}),
     ProductSpec("dichroic", "mask of pixels attenuated >= 50 % by the dichroic", {"DICHROIC": (PIXEL_DIMS, None)}),
-    ProductSpec("readnoise_pars", "read noise of the sample-up-the-ramp slope",
-                {"READNOISE": (PIXEL_DIMS, ELECTRON_RATE)}, frame="raw"),
+    ProductSpec("readnoise_pars", "read noise of one frame of the sample-up-the-ramp",
+                {"READNOISE": (PIXEL_DIMS, "electron")}),
+    ProductSpec(
+        "nonlinear_pars",
+        "non-linearity parameters (form in sphx.kernels.nonlinearity)",
+        {"Q_nl": (PIXEL_DIMS, "electron"), "b1": (PIXEL_DIMS, "1 / electron"), "b2": (PIXEL_DIMS, "1 / electron2"),
+         "b3": (PIXEL_DIMS, "1 / electron3"), "Qmax": (PIXEL_DIMS, "electron")},
+    ),
+    ProductSpec(
+        "average_psf",
+        "oversampled optical PSF per zone (planes x-fast: plane = iy * zones + ix)",
+        {"PSF": (("band", "zone", "psf_y", "psf_x"), "")},
+    ),
+    ProductSpec(
+        "initial_distortion_table",
+        "fixed focal-plane geometry: detector offsets, rotations and SIP distortion",
+        {"FP_OFFSET": (("band", "fp_axis"), "deg"), "FP_ROTATION": (("band",), "deg"),
+         **{f"SIP_{k}": (("band", "sip_p", "sip_q"), None) for k in ("A", "B", "AP", "BP")}},
+    ),
+    ProductSpec(
+        "persistence_pars",
+        "charge-trap persistence model (form in sphx.kernels.persistence)",
+        {"TRAP_DENSITY": (PIXEL_DIMS, ""), "TRAP_FRACTION": (("band", "trap"), ""),
+         "TRAP_TAU": (("band", "trap"), "s")},
+    ),
 ):
     register_product(_spec)
 

@@ -1,4 +1,4 @@
-"""The ``sphx`` command line: ``demo``, ``run``, ``info``, ``steps``, ``profiles``."""
+"""The ``sphx`` command line: ``demo``, ``simulate``, ``run``, ``info``, ``steps``, ``profiles``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,33 @@ def demo(output: str, full: bool, exposures: int, profile: str | None, progress:
         run_demo(output, full=full, n_exposures=exposures, profile=profile, progress=progress)
     except SphxError as e:
         _fail(e)
+
+
+@main.command()
+@click.argument("repository")
+@click.option("-c", "--config", "config", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Simulation configuration (YAML); defaults for everything not given.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a configuration entry, e.g. survey.n_exposures=4 or instrument=SPHEREx-small.")
+def simulate(repository: str, config: str | None, overrides: tuple[str, ...]) -> None:
+    """Simulate a survey into a new REPOSITORY: raw exposures, calibration products and truth."""
+    import yaml
+
+    from .simulate import load_config, simulate_survey
+
+    try:
+        extra = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SphxError(f"--set {item!r}: expected KEY=VALUE")
+            extra[key.strip()] = yaml.safe_load(value)
+        cfg = load_config(config, **extra)
+        click.echo(f"simulating {cfg.survey.n_exposures} exposure(s) of {cfg.instrument} into {repository}")
+        report = simulate_survey(cfg, repository, log=click.echo)
+    except SphxError as e:
+        _fail(e)
+    click.echo(str(report))
 
 
 @main.command()

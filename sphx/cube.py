@@ -210,14 +210,14 @@ def make_cube(
             raise CubeValidationError([f"no units for {name}: custom level {lvl.name!r} needs units={{...}}"])
         return u
 
-    image = _check("IMAGE", image, shape).astype(np.float32)
+    image = _check("IMAGE", image, shape).astype(np.float32, copy=False)
     if flags is None:
         flags = _zeros_like(image, shape, _flags.FLAG_DTYPE)
         if lvl.reference_pixels:
             border = ~((coords_1d >= 0) & (coords_1d < instrument.n_active))
             on_border = border[:, None] | border[None, :]
             flags = flags | np.where(on_border, np.uint32(_flags.Flag.REFERENCE), np.uint32(0))
-    flags = _check("FLAGS", flags, shape).astype(_flags.FLAG_DTYPE)
+    flags = _check("FLAGS", flags, shape).astype(_flags.FLAG_DTYPE, copy=False)
 
     data_vars: dict[str, Any] = {
         "IMAGE": (CUBE_DIMS, image, _attrs(PIXEL_VARIABLES["IMAGE"], _units("IMAGE"))),
@@ -225,11 +225,11 @@ def make_cube(
     }
     for name, arr in (("VARIANCE", variance), ("ZODI", zodi)):
         if arr is not None:
-            arr = _check(name, arr, shape).astype(np.float32)
+            arr = _check(name, arr, shape).astype(np.float32, copy=False)
             data_vars[name] = (CUBE_DIMS, arr, _attrs(PIXEL_VARIABLES[name], _units(name)))
     if phantom is not None:
         pshape = (len(bands), n_obs, coords_1d.size, instrument.n_readout_channels, instrument.n_phantom)
-        phantom = _check("PHANTOM", phantom, pshape).astype(np.float32)
+        phantom = _check("PHANTOM", phantom, pshape).astype(np.float32, copy=False)
         data_vars["PHANTOM"] = (PIXEL_VARIABLES["PHANTOM"].dims, phantom, _attrs(PIXEL_VARIABLES["PHANTOM"], _units("PHANTOM")))
 
     obs_meta = _observation_coords(obsid, mjd_avg, observations or {}, instrument)
@@ -247,7 +247,7 @@ def make_cube(
         coords["xyz"] = ("xyz", np.array(["x", "y", "z"], dtype=STRING_DTYPE))
     for name, arr in (("CWAVE", cwave), ("CBAND", cband)):
         if arr is not None:
-            arr = _check(name, arr, (len(bands), coords_1d.size, coords_1d.size)).astype(np.float32)
+            arr = _check(name, arr, (len(bands), coords_1d.size, coords_1d.size)).astype(np.float32, copy=False)
             coords[name] = (STATIC_MAPS[name].dims, arr, _attrs(STATIC_MAPS[name]))
     if wcs is not None:
         data_vars.update(wcs_variables(wcs, coords["band"][1], coords["obs"][1]))

@@ -1,15 +1,16 @@
 """``sphx demo``: the whole pipeline that exists, end to end, on an embedded default.
 
 Everything goes into one folder under the current directory (``./sphx-demo`` by
-default): a repository with the raw exposures, the calibration products and every level
-the recipes write. What runs today:
+default): a repository with the raw exposures, the calibration products, the truth and
+every level the recipes write. What runs today:
 
-1. synthetic raw exposures of a flat sky (six bands, reference border, phantom reads,
-   32 channel gains, injected HOT/COLD/NONFUNC pixels) with their truth;
-2. the ``gain_factors`` calibration product, stored as version 1;
-3. ``recipes/quicklook.yaml`` on an embedded ``LocalCluster``: engineering units,
+1. :func:`sphx.simulate.simulate_survey` simulates a small survey (target groups of
+   small slews, stars and galaxies with spectra, Kelsall zodiacal light, the PSF and
+   filter optics, every detector effect) and writes raw exposures, lab-measured
+   calibration products and the truth;
+2. ``recipes/quicklook.yaml`` runs on an embedded ``LocalCluster``: engineering units,
    reference-pixel removal and per-image statistics, written as level ``quicklook``;
-4. a check of the recovered sky level and flag counts against the truth.
+3. the results are checked against the simulator's truth.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ import numpy as np
 import xarray as xr
 
 from .errors import SphxError
-from .instrument import SPHEREX, SPHEREX_SMALL
 from .io import Repository
 from .pipeline.runner import RunReport, run_recipe
-from .testing import gain_product, synthetic_raw_cube
 
 __all__ = ["DemoResult", "recipe_path", "run_demo"]
 
@@ -46,7 +45,9 @@ class DemoResult:
     output: Path
     repository: Repository
     run: RunReport
-    worst_sky_error: float
+    worst_current_error: float
+    transients_found: int
+    transients_detectable: int
 
 
 def _prepare(output: Path) -> Path:
@@ -64,6 +65,7 @@ def run_demo(
     *,
     full: bool = False,
     n_exposures: int = 4,
+    seed: int = 2025,
     profile: str | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
@@ -77,41 +79,50 @@ def run_demo(
     full
         Real 2040x2040 detectors instead of the small test geometry.
     n_exposures
-        Exposures to simulate.
+        Exposures to simulate (a target group holds four).
+    seed
+        Seed of the simulation.
     profile
         Compute profile (default: embedded ``LocalCluster``).
     """
+    from .simulate import TRUTH_LEVEL, load_config, simulate_survey
+
     say = log or (lambda s: print(s, flush=True))
     if n_exposures < 1:
         raise SphxError(f"n_exposures must be at least 1, got {n_exposures}")
+    config = load_config({"seed": seed, "instrument": "SPHEREx" if full else "SPHEREx-small",
+                          "survey": {"n_exposures": n_exposures}})
     out = _prepare(Path(output).resolve())
-    instrument = SPHEREX if full else SPHEREX_SMALL
+    instrument = config.instrument_model
     say(f"sphx demo: writing into {out}")
-    say(f"  instrument {instrument.name}: {len(instrument.bands)} bands of {instrument.n_active}x"
-        f"{instrument.n_active} active pixels, {n_exposures} exposure(s)")
-
-    repo = Repository.create(out / "repository", instrument=instrument)
-    raw, truth = synthetic_raw_cube(instrument, n_obs=n_exposures, seed=2025)
-    say(f"  {repo.write_level('raw', raw, provenance={'source': 'sphx.testing.synthetic_raw_cube'})}")
-    version = repo.write_calibration("gain_factors", gain_product(truth.gains, instrument.band_numbers),
-                                     provenance={"source": "truth of the synthetic exposures"})
-    say(f"  calibration gain_factors v{version}")
+    say(f"  simulating {n_exposures} exposure(s) of {instrument.name}: {len(instrument.bands)} bands of "
+        f"{instrument.n_active}x{instrument.n_active} active pixels, seed {seed}")
+    sim = simulate_survey(config, out / "repository", log=say)
+    repo = sim.repository
+    say(f"  {sim}")
+    say(f"  calibration products: {', '.join(sim.calibrations)}")
 
     run = run_recipe(recipe_path("quicklook"), repo, profile=profile, progress=progress, log=say)
 
     ql = xr.open_zarr(repo.level_url("quicklook"))  # plain xarray, as any user would
-    median = ql["stat_median"].values  # (band, obs) [electron / s]
+    truth = xr.open_zarr(repo.level_url(TRUTH_LEVEL))
+    exact = repo.open_state("simulation_truth")
+    current = (truth["IMAGE"] / exact["ABS_GAIN"] + exact["DARK"] + truth["PERSIST"]).median(("y", "x")).values
+    zodi = truth["ZODI"].median(("y", "x")).values  # [MJy / sr]
+    median = ql["stat_median"].values
     errors = []
-    say("  recovered sky [electron/s] (median over exposures) vs truth:")
+    say("  median current [electron/s], quicklook vs truth (the difference is the readout channels' "
+        "reference offsets, which the preamplifier correction will remove):")
     for i, b in enumerate(ql["band"].values):
-        got = float(np.nanmedian(median[i]))
-        if np.isnan(got):
-            continue
-        rel = got / truth.sky[instrument.band_numbers.index(int(b))] - 1.0
-        errors.append(abs(rel))
-        say(f"    D{int(b)}: {got:8.3f} vs {truth.sky[instrument.band_numbers.index(int(b))]:8.3f}  ({rel:+.2%})")
-    counts = ql["flag_count"].sel(flag=["HOT", "COLD", "NONFUNC"]).sum(("band", "obs")).values
-    injected = [int(truth.flagged[n].sum()) for n in ("HOT", "COLD", "NONFUNC")]
-    say(f"  flagged HOT/COLD/NONFUNC pixels found {counts.tolist()} vs injected {injected}")
+        got, want = float(np.nanmedian(median[i])), float(np.median(current[i]))
+        errors.append(abs(got / want - 1))
+        say(f"    D{int(b)}: {got:7.3f} vs {want:7.3f} ({got / want - 1:+6.1%}); "
+            f"zodi {np.median(zodi[i]):.3f} MJy/sr")
+    hits = repo.read_table("truth_transients", columns=["band", "obsid", "y", "x", "flagged"]).to_pandas()
+    flagged = hits[hits.flagged].drop_duplicates(["band", "obsid", "y", "x"])
+    found = int(ql["flag_count"].sel(flag="TRANSIENT").sum())
+    say(f"  TRANSIENT pixels flagged on board: {found} of {len(flagged)} detectable "
+        f"({len(hits)} particle hits injected, the rest too faint or too early in the ramp)")
+    say(f"  OVERFLOW pixels (saturating stars): {int(ql['flag_count'].sel(flag='OVERFLOW').sum())}")
     say(f"done: open the levels with xarray.open_zarr('{repo.level_url('quicklook')}')")
-    return DemoResult(out, repo, run, max(errors) if errors else float("nan"))
+    return DemoResult(out, repo, run, max(errors), found, len(flagged))

@@ -141,5 +141,9 @@ class ComputeError(SphxError, ValueError):
     """A compute profile that is unknown or inconsistent."""
 
 
+class SimulationError(SphxError, ValueError):
+    """A simulation configuration that cannot be simulated (names the setting and why)."""
+
+
 class IncompleteWriteWarning(UserWarning):
     """A level holds images of an interrupted write; rerunning the write completes them."""

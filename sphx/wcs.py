@@ -36,6 +36,7 @@ __all__ = [
     "WCS_VARIABLES",
     "arrays_to_wcs",
     "cube_wcs",
+    "focal_plane_wcs",
     "tan_wcs",
     "wcs_to_arrays",
     "wcs_variables",
@@ -95,6 +96,68 @@ def tan_wcs(
     w.wcs.radesys = "ICRS"
     w.wcs.set()
     return w
+
+
+def focal_plane_wcs(
+    *,
+    ra: float,
+    dec: float,
+    pa: float,
+    offset: tuple[float, float],
+    rotation: float,
+    pixel_scale: float,
+    n_pixels: int,
+    sip: Mapping[str, np.ndarray] | None = None,
+) -> WCS:
+    """The WCS of one detector of a focal plane pointed at a boresight.
+
+    Parameters
+    ----------
+    ra, dec
+        Boresight [deg].
+    pa
+        Position angle of the focal-plane +y axis at the boresight, east of north [deg].
+    offset
+        Focal-plane position (u along +x, v along +y) of the detector centre relative to
+        the boresight [deg], in the telescope's gnomonic projection.
+    rotation
+        The detector's own rotation in the focal plane, +y towards east [deg].
+    pixel_scale, n_pixels
+        [arcsec / pixel] and active pixels per side.
+    sip
+        Optional distortion ``{"a", "b", "ap", "bp"}`` (SIP arrays about the detector
+        centre, as in the real headers).
+
+    Notes
+    -----
+    This is the geometry of the paper's coarse astrometry: planned boresight and roll
+    plus the fixed detector offsets give each image's WCS to the accuracy of the pointing.
+    """
+    t = np.deg2rad(pa)
+    u, v = np.deg2rad(offset[0]), np.deg2rad(offset[1])
+
+    def sky(du: float, dv: float) -> tuple[float, float]:
+        # focal-plane (x, y) -> tangent-plane (east, north) -> sphere
+        xi = (u + du) * -np.cos(t) + (v + dv) * np.sin(t)
+        eta = (u + du) * np.sin(t) + (v + dv) * np.cos(t)
+        d0, a0 = np.deg2rad(dec), np.deg2rad(ra)
+        den = np.cos(d0) - eta * np.sin(d0)
+        a = a0 + np.arctan2(xi, den)
+        d = np.arctan2(np.sin(d0) + eta * np.cos(d0), np.hypot(xi, den))
+        return float(a), float(d)
+
+    a_c, d_c = sky(0.0, 0.0)
+    a_y, d_y = sky(0.0, 1e-4)
+    # position angle of the detector's +y direction at its own centre
+    pa_c = np.arctan2(np.sin(a_y - a_c) * np.cos(d_y),
+                      np.cos(d_c) * np.sin(d_y) - np.sin(d_c) * np.cos(d_y) * np.cos(a_y - a_c))
+    w = tan_wcs(ra=float(np.rad2deg(a_c)), dec=float(np.rad2deg(d_c)), pa=float(np.rad2deg(pa_c)) + rotation,
+                pixel_scale=pixel_scale, n_pixels=n_pixels)
+    if sip is None:
+        return w
+    arr = wcs_to_arrays(w)
+    return arrays_to_wcs(arr["wcs_crpix"], arr["wcs_crval"], arr["wcs_cd"],
+                         *(_pad(sip.get(k)) for k in _SIP_KEYS))
 
 
 def _pad(coeffs: np.ndarray | None) -> np.ndarray:

@@ -11,15 +11,18 @@ from sphx.errors import SphxError
 def test_demo_runs_the_pipeline_and_checks_truth(tmp_path):
     lines = []
     result = run_demo(tmp_path / "out", profile="threads", n_exposures=2, log=lines.append)
-    assert result.worst_sky_error < 2e-3
+    # the on-board TRANSIENT flags the quicklook counts are exactly the detectable hits injected
+    assert result.transients_found == result.transients_detectable > 0
+    # reference offsets are still in (the preamplifier correction comes later): medians within 25 %
+    assert result.worst_current_error < 0.25
     assert result.output == (tmp_path / "out").resolve()
     assert {p.name for p in result.output.iterdir()} == {".sphx-demo", "repository"}
-    assert set(result.repository.levels()) == {"raw", "quicklook"}
+    assert set(result.repository.levels()) == {"raw", "truth", "quicklook"}
     ql = xr.open_zarr(result.repository.level_url("quicklook"))
     assert ql.sizes["obs"] == 2 and int((ql["write_id"] > 0).sum()) == 12
     assert lines[0] == f"sphx demo: writing into {result.output}"
-    found = next(line for line in lines if "HOT/COLD/NONFUNC" in line)
-    assert found.split("found ")[1].split(" vs")[0] == found.split("injected ")[1]
+    assert any("simulated 2 exposure(s) x 6 band(s)" in line for line in lines)
+    assert sum("MJy/sr" in line for line in lines) == 6
     # running it again replaces its own output; it never deletes anything else
     run_demo(tmp_path / "out", profile="synchronous", n_exposures=1, log=lambda s: None)
     (tmp_path / "mine").mkdir()

@@ -22,8 +22,9 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
         pip_side[r.name.lower()] = str(r.specifier)
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda_side = {}
-    for dep in env["dependencies"]:
-        if not isinstance(dep, str) or dep in ("pip",) or dep.startswith("python="):
+    pip_entries = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    for dep in [*env["dependencies"], *pip_entries]:
+        if not isinstance(dep, str) or dep in ("pip",) or dep.startswith(("python=", "-e")):
             continue
         r = Requirement(dep)
         conda_side[r.name.lower()] = str(r.specifier)

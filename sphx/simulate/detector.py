@@ -1,0 +1,162 @@
+"""The simulated H2RG detectors: every per-pixel property the pipeline calibrates.
+
+One :class:`Detector` per band holds the true values; :func:`make_detector` draws them
+from a seeded generator. Arrays cover the active pixels (n, n) unless noted.
+
+============================  ====================================================
+dark current                  log-normal about ``dark`` [electron / s]; HOT pixels
+                              at 20-2000 times that
+flat field                    a smooth low-order surface (+-4 %) times pixel noise
+                              (``flat_rms``); COLD pixels at 5-40 %; NONFUNC pixels 0;
+                              DICHROIC stripe (D3, D4) attenuated to 20-45 %
+read noise                    per frame, log-normal about ``read_noise`` [electron]
+electronic gains              32 per detector [electron / adu]
+non-linearity                 ``Q_nl, b1, b2, b3`` (:mod:`sphx.kernels.nonlinearity`)
+                              and ``Qmax``, where the slope of ``g`` drops to 0.7
+trap density                  relative persistence trap density, log-normal about 1
+full-sample pixels            a fixed set whose every read is downlinked
+reference offsets             per readout channel [adu / s]
+============================  ====================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .. import flags as _flags
+from ..instrument import Instrument
+from .config import DetectorConfig
+
+__all__ = ["Detector", "make_detector"]
+
+
+@dataclass
+class Detector:
+    """True properties of one detector (see the module docstring)."""
+
+    band: int
+    gain: np.ndarray           # (32,) [electron / adu]
+    dark: np.ndarray           # [electron / s]
+    flat: np.ndarray           # relative response (1 = nominal)
+    read_noise: np.ndarray     # [electron] per frame, raw frame (n_raw, n_raw)
+    q_nl: np.ndarray           # [electron]
+    b1: np.ndarray
+    b2: np.ndarray
+    b3: np.ndarray
+    q_max: np.ndarray          # [electron]
+    trap_density: np.ndarray
+    offset: np.ndarray         # (32,) static reference offset [adu / s]
+    masks: np.ndarray          # uint32 HOT | COLD | NONFUNC | DICHROIC bits
+    fullsample: np.ndarray     # (k, 2) active (y, x) of the full-sample pixels
+
+    @property
+    def dead(self) -> np.ndarray:
+        return (self.masks & np.uint32(_flags.Flag.NONFUNC)) != 0
+
+
+def _smooth_surface(rng: np.random.Generator, n: int, amplitude: float) -> np.ndarray:
+    t = np.linspace(-1, 1, n)
+    c = rng.uniform(-1, 1, 6) * amplitude
+    yy, xx = t[:, None], t[None, :]
+    return 1 + c[0] * xx + c[1] * yy + c[2] * xx * yy + 0.5 * c[3] * (xx**2 - 1 / 3) + 0.5 * c[4] * (yy**2 - 1 / 3)
+
+
+def _pick(rng: np.random.Generator, free: np.ndarray, fraction: float) -> np.ndarray:
+    """Choose about ``fraction`` of all pixels among those still ``free``."""
+    k = rng.binomial(free.size, fraction)
+    idx = np.flatnonzero(free.ravel())
+    chosen = rng.choice(idx, size=min(k, idx.size), replace=False)
+    out = np.zeros(free.size, dtype=bool)
+    out[chosen] = True
+    return out.reshape(free.shape)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _qmax_kernel(q_nl, b1, b2, b3, slope, out):
+    ny, nx = out.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            d = 0.0
+            for _ in range(100):
+                f = 1 + d * (2 * b1[y, x] + d * (3 * b2[y, x] + d * 4 * b3[y, x])) - slope
+                df = 2 * b1[y, x] + d * (6 * b2[y, x] + d * 12 * b3[y, x])
+                step = f / df
+                d = min(max(d - step, 1.0), 1e6)
+                if abs(step) < 1e-3:
+                    break
+            out[y, x] = q_nl[y, x] + d
+
+
+def _qmax(q_nl, b1, b2, b3, slope: float = 0.7) -> np.ndarray:
+    """Charge where dg/dQ falls to ``slope``.
+
+    The parameter ranges drawn keep d2g/dQ2 < 0, so dg/dQ falls monotonically and
+    Newton's method from the onset converges to the one root.
+    """
+    out = np.empty(q_nl.shape)
+    _qmax_kernel(q_nl, b1, b2, b3, slope, out)
+    return out.astype(np.float32)
+
+
+def make_detector(instrument: Instrument, band: int, config: DetectorConfig, rng: np.random.Generator) -> Detector:
+    """Draw the true properties of detector ``band``."""
+    n = instrument.n_active
+    b = instrument.band(band)
+    f32 = np.float32
+    masks = np.zeros((n, n), dtype=np.uint32)
+    free = np.ones((n, n), dtype=bool)
+
+    dead = _pick(rng, free, config.nonfunc_fraction)
+    free &= ~dead
+    hot = _pick(rng, free, config.hot_fraction)
+    free &= ~hot
+    cold = _pick(rng, free, config.cold_fraction)
+    free &= ~cold
+
+    dark_level = config.dark * (2.0 if b.array == "MWIR" else 1.0)
+    dark = dark_level * rng.lognormal(0.0, 0.3, (n, n))
+    dark[hot] = dark_level * 10 ** rng.uniform(np.log10(20), np.log10(2000), hot.sum())
+    flat = _smooth_surface(rng, n, 0.04) * rng.normal(1.0, config.flat_rms, (n, n))
+    flat[cold] *= rng.uniform(0.05, 0.4, cold.sum())
+    flat[dead] = 0.0
+    dark[dead] = 0.0
+    dichroic = np.zeros((n, n), dtype=bool)
+    if b.number in config.dichroic_bands:
+        # a bowed stripe near one edge where the dichroic coating cuts the light
+        yy, xx = np.mgrid[0:n, 0:n] / n
+        edge = 0.06 + 0.03 * np.sin(np.pi * yy)
+        dichroic = (xx > 1 - edge) if b.array == "SWIR" else (xx < edge)
+        flat[dichroic] *= rng.uniform(0.2, 0.45, dichroic.sum())
+    for name, sel in (("NONFUNC", dead), ("HOT", hot), ("COLD", cold), ("DICHROIC", dichroic)):
+        masks[sel] |= np.uint32(_flags.Flag[name])
+
+    q_nl = rng.normal(config.nonlinearity_onset, 0.1 * config.nonlinearity_onset, (n, n)).clip(1000)
+    b1 = rng.normal(-8e-6, 1e-6, (n, n))
+    b2 = rng.normal(2e-11, 0.5e-11, (n, n))
+    b3 = rng.normal(-5e-16, 1e-16, (n, n))
+    nr = instrument.n_raw
+    read_noise = config.read_noise * rng.lognormal(0.0, 0.15, (nr, nr))
+
+    k = max(4, round(config.fullsample_pixels * (n / 2040) ** 2))
+    side = int(np.ceil(np.sqrt(k)))
+    y0, x0 = rng.integers(n // 4, 3 * n // 4 - side, 2)
+    grid = np.stack(np.mgrid[y0:y0 + side, x0:x0 + side], axis=-1).reshape(-1, 2)[:k]
+    return Detector(
+        band=band,
+        gain=rng.uniform(*config.gain_range, instrument.n_readout_channels).astype(f32),
+        dark=dark.astype(f32),
+        flat=flat.astype(f32),
+        read_noise=read_noise.astype(f32),
+        q_nl=q_nl.astype(f32),
+        b1=b1.astype(f32),
+        b2=b2.astype(f32),
+        b3=b3.astype(f32),
+        q_max=_qmax(q_nl, b1, b2, b3),
+        trap_density=rng.lognormal(0.0, 0.3, (n, n)).astype(f32),
+        offset=rng.normal(0.0, config.reference_offset, instrument.n_readout_channels).astype(f32),
+        masks=masks,
+        fullsample=grid.astype(np.int64),
+    )
