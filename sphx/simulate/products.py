@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 
 from .. import flags as _flags
+from ..cube import STRING_DTYPE
 from .optics import psf_cube, psf_zone_centers
 from .simulator import SR_PER_ARCSEC2, UJY_PER_MJY, Simulator
 
@@ -98,7 +99,7 @@ def calibration_products(sim: Simulator) -> dict[str, xr.Dataset]:
          "FP_ROTATION": (("band",), np.array([f.rotation for f in fps]), {"units": "deg"}),
          **{f"SIP_{k.upper()}": (("band", "sip_p", "sip_q"), np.stack([f.sip[k] for f in fps]), {})
             for k in ("a", "b", "ap", "bp")}},
-        coords={"band": np.asarray(sim.bands, np.int64), "fp_axis": ["u", "v"]})
+        coords={"band": np.asarray(sim.bands, np.int64), "fp_axis": np.array(["u", "v"], dtype=STRING_DTYPE)})
     k = len(cfg.detector.trap_taus)
     out["persistence_pars"] = xr.Dataset(
         {"TRAP_DENSITY": (("band", "y", "x"), np.stack([d.trap_density for d in dets]), {"units": ""}),

@@ -128,6 +128,7 @@ class _Catalog:
                     calibrator_density=self.sky.calibrator_density, ice_fraction=self.sky.ice_fraction)
                 self.new.append((p, table))
                 cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+                cols["_xyz"] = _unit(cols["ra"], cols["dec"])  # once per pixel, not per image
                 self.pixels[p] = cols
             self.pixels.move_to_end(p)
             pieces.append(self.pixels[p])
@@ -287,8 +288,7 @@ class Simulator:
         empty = {k: np.zeros(0) for k in ("source_id", "x", "y", "ra", "dec", "wavelength", "bandwidth", "flux")}
         if not cat:
             return image, empty
-        near = _unit(cat["ra"], cat["dec"]) @ _unit(np.array(ra_c), np.array(dec_c)) > math.cos(
-            math.radians(self._radius))
+        near = cat["_xyz"] @ _unit(np.array(ra_c), np.array(dec_c)) > math.cos(math.radians(self._radius))
         cat = {k: v[near] for k, v in cat.items()}
         ra, dec = propagate(cat["ra"], cat["dec"], cat["pmra"], cat["pmdec"], ref_epoch=cat["ref_epoch"],
                             epoch=julian_year(self.plan.mjd_avg[j]))
