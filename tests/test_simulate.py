@@ -339,3 +339,27 @@ def test_simulate_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sphx", "simulate", str(tmp_path / "s"), "--set", "survey.n_exposures=-2"],
                          capture_output=True, text=True, check=False, timeout=300)
     assert bad.returncode == 2 and "survey.n_exposures" in bad.stderr
+
+
+def test_reference_pixels_and_phantom_reads_carry_the_channel_offsets(run):
+    sim, images = run
+    inst = sim.instrument
+    ref, nr = inst.n_reference, inst.n_raw
+    band = 4  # MWIR: channels run right to left in the stored frame
+    det = sim.detectors[band]
+    ch = inst.readout_channel(band, inst.pixel_coords(reference_pixels=True))
+    rows = np.r_[0:ref, nr - ref:nr]
+    sigma_e = np.sqrt(slope_variance(0.0, det.read_noise[rows], n_frames=74, frame_time=inst.frame_time))
+    for im in (images[0][band], images[7][band]):
+        for c in range(inst.n_readout_channels):
+            cols = np.flatnonzero(ch == c)
+            border = im.raw[np.ix_(rows, cols)] - im.offset[rows][:, [c]]
+            sigma = sigma_e[:, cols] / det.gain[c]
+            assert abs(border.mean()) < 5 * np.sqrt((sigma**2).sum()) / border.size
+            phantom = im.phantom[:, c, :] - im.offset[:, [c]]
+            assert abs(phantom.mean()) < 5 * phantom.std() / np.sqrt(phantom.size)
+    # offsets drift from exposure to exposure around the static value of simulation_truth
+    drift = images[7][band].offset.mean(axis=0) - images[0][band].offset.mean(axis=0)
+    assert np.all(drift != 0) and np.std(drift) < 10 * sim.config.detector.reference_drift
+    static = images[0][band].offset.mean(axis=0) - det.offset
+    assert np.std(static) < 5 * sim.config.detector.reference_drift

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import SimulationError
-from ..io import Repository
+from ..io import Repository, open_repository
 from .config import SimulationConfig
 from .products import calibration_products, detector_truth
 from .simulator import TRUTH_LEVEL, ImageResult, Simulator, raw_cube, truth_cube
@@ -79,12 +79,8 @@ def _table(obsid: str, band: int, rows: Mapping[str, np.ndarray]) -> pa.Table:
 
 
 def _open(repository: Repository | str | os.PathLike[str], sim: Simulator) -> Repository:
-    if isinstance(repository, Repository):
-        repo = repository
-    else:
-        path = os.fspath(repository)
-        repo = (Repository.open(path) if os.path.exists(os.path.join(path, ".sphx"))
-                else Repository.create(path, instrument=sim.instrument))
+    repo = (repository if isinstance(repository, Repository)
+            else open_repository(repository, create=True, instrument=sim.instrument))
     if repo.instrument.name != sim.instrument.name:
         raise SimulationError(f"repository {repo.location} is for instrument {repo.instrument.name!r}; "
                               f"the simulation uses {sim.instrument.name!r}")

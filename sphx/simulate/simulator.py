@@ -74,7 +74,7 @@ def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     return np.stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)], axis=-1)
 
 
-def julian_year(mjd: float) -> float:
+def _julian_year(mjd: float) -> float:
     return 2000.0 + (mjd - 51544.5) / 365.25
 
 
@@ -115,17 +115,16 @@ class _Catalog:
     sky: Any
     pixels: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     new: list[tuple[int, pa.Table]] = field(default_factory=list)
+    _merged: tuple[tuple[int, ...], dict[str, np.ndarray]] = ((), {})
 
     def around(self, ra: float, dec: float, radius: float) -> dict[str, np.ndarray]:
         wanted = [int(p) for p in pixels_in_footprint(np.atleast_1d(ra), np.atleast_1d(dec), radius)]
+        if tuple(wanted) == self._merged[0]:  # dichroic partners and small slews see the same pixels
+            return self._merged[1]
         pieces = []
         for p in wanted:
             if p not in self.pixels:
-                table = catalog_for_pixels(
-                    [p], seed=self.seed, star_density=self.sky.star_density,
-                    galaxy_density=self.sky.galaxy_density, plane_boost=self.sky.plane_boost,
-                    mag_bright=self.sky.mag_bright, mag_limit=self.sky.mag_limit,
-                    calibrator_density=self.sky.calibrator_density, ice_fraction=self.sky.ice_fraction)
+                table = catalog_for_pixels([p], seed=self.seed, **self.sky.model_dump())
                 self.new.append((p, table))
                 cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
                 cols["_xyz"] = _unit(cols["ra"], cols["dec"])  # once per pixel, not per image
@@ -134,9 +133,9 @@ class _Catalog:
             pieces.append(self.pixels[p])
         while len(self.pixels) > max(_CACHE_PIXELS, len(wanted)):
             self.pixels.popitem(last=False)
-        if not pieces:
-            return {}
-        return {k: np.concatenate([c[k] for c in pieces]) for k in pieces[0]}
+        merged = {k: np.concatenate([c[k] for c in pieces]) for k in pieces[0]} if pieces else {}
+        self._merged = (tuple(wanted), merged)
+        return merged
 
 
 class Simulator:
@@ -291,7 +290,7 @@ class Simulator:
         near = cat["_xyz"] @ _unit(np.array(ra_c), np.array(dec_c)) > math.cos(math.radians(self._radius))
         cat = {k: v[near] for k, v in cat.items()}
         ra, dec = propagate(cat["ra"], cat["dec"], cat["pmra"], cat["pmdec"], ref_epoch=cat["ref_epoch"],
-                            epoch=julian_year(self.plan.mjd_avg[j]))
+                            epoch=_julian_year(self.plan.mjd_avg[j]))
         x, y = wcs.all_world2pix(ra, dec, 0)
         margin = 8
         keep = (x > -margin) & (x < n - 1 + margin) & (y > -margin) & (y < n - 1 + margin)
