@@ -99,6 +99,7 @@ for _spec in (
         "charge-trap persistence model (form in sphx.kernels.persistence)",
         {"TRAP_DENSITY": (PIXEL_DIMS, ""), "TRAP_FRACTION": (("band", "trap"), ""),
          "TRAP_TAU": (("band", "trap"), "s")},
+        optional={"TRAP_SATURATION": (PIXEL_DIMS, "electron")},
     ),
 ):
     register_product(_spec)
@@ -136,3 +137,20 @@ def validate_product(name: str, ds: xr.Dataset, *, instrument: Instrument) -> No
         )
     if problems:
         raise CalibrationError(f"calibration product {name!r} is not valid: " + "; ".join(problems))
+
+
+def product_for(name: str, product: xr.Dataset, ds: xr.Dataset, *, instrument: Instrument) -> xr.Dataset:
+    """A validated calibration product restricted to the bands of cube ``ds``, in its order.
+
+    Raises
+    ------
+    CalibrationError
+        If the product is invalid (wrong variables, units or pixel frame for
+        ``instrument``) or lacks one of the cube's bands.
+    """
+    validate_product(name, product, instrument=instrument)
+    bands = ds["band"].values.tolist()
+    missing = sorted(set(bands) - set(product["band"].values.tolist()))
+    if missing:
+        raise CalibrationError(f"calibration product {name!r} has no data for band(s) {missing} of the cube")
+    return product.sel(band=bands)

@@ -78,6 +78,13 @@ OBS_COORDS: dict[str, VariableSpec] = {
     "planned_elon": VariableSpec(("obs",), np.dtype("float64"), "ecliptic longitude of planned boresight (SPS_ELON)", "deg"),
     "planned_elat": VariableSpec(("obs",), np.dtype("float64"), "ecliptic latitude of planned boresight (SPS_ELAT)", "deg"),
     "planned_pa": VariableSpec(("obs",), np.dtype("float64"), "PA of focal-plane y axis at planned boresight, E of ecliptic N (SPS_EPA)", "deg"),
+    "planned_ra": VariableSpec(("obs",), np.dtype("float64"), "right ascension of planned boresight", "deg"),
+    "planned_dec": VariableSpec(("obs",), np.dtype("float64"), "declination of planned boresight", "deg"),
+    "planned_pa_eq": VariableSpec(("obs",), np.dtype("float64"), "PA of focal-plane y axis at planned boresight, E of equatorial N", "deg"),
+    "sps_flags": VariableSpec(("obs",), STRING_DTYPE, "flags defined by survey planning (SPS_FLAGS)"),
+    "sgt_lat": VariableSpec(("obs",), np.dtype("float64"), "ground track latitude at midpoint (SGT_LAT_MIDPT)", "deg"),
+    "sgt_lon": VariableSpec(("obs",), np.dtype("float64"), "ground track longitude at midpoint (SGT_LON_MIDPT)", "deg"),
+    "saa_distance": VariableSpec(("obs",), np.dtype("float64"), "closest ground track distance to the SAA (SGT_MIN_GCD2SAA)", "deg"),
 }
 
 SPACECRAFT_VARIABLES: dict[str, VariableSpec] = {

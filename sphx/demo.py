@@ -8,9 +8,10 @@ every level the recipes write. What runs today:
    small slews, stars and galaxies with spectra, Kelsall zodiacal light, the PSF and
    filter optics, every detector effect) and writes raw exposures, lab-measured
    calibration products and the truth;
-2. ``recipes/quicklook.yaml`` runs on an embedded ``LocalCluster``: engineering units,
-   reference-pixel removal and per-image statistics, written as level ``quicklook``;
-3. the results are checked against the simulator's truth.
+2. ``recipes/l1-l2.yaml`` runs on an embedded ``LocalCluster``: Level 1 (written as
+   level ``l1``), Level 2a (``l2a``, with the persistence state) and Level 2b (``l2``,
+   calibrated spectral images with flags, variance and the zodiacal light model);
+3. the Level 2 images are checked against the simulator's truth.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from . import flags as _flags
 from .errors import SphxError
 from .io import Repository
 from .pipeline.runner import RunReport, run_recipe
@@ -30,6 +32,9 @@ from .pipeline.runner import RunReport, run_recipe
 __all__ = ["DemoResult", "recipe_path", "run_demo"]
 
 _MARKER = ".sphx-demo"
+# flags that make a pixel unusable for the comparison with the truth (SOURCE is not one)
+_DEMO_BAD = ("TRANSIENT", "OVERFLOW", "SUR_ERROR", "NONFUNC", "DICHROIC", "MISSING_DATA", "HOT", "COLD",
+             "PHANMISS", "NONLINEAR", "PERSIST", "OUTLIER")
 
 
 def recipe_path(name: str) -> Path:
@@ -45,7 +50,7 @@ class DemoResult:
     output: Path
     repository: Repository
     run: RunReport
-    worst_current_error: float
+    pulls: dict[int, tuple[float, float]]  # band -> (mean, std) of (IMAGE - truth) / sigma
     transients_found: int
     transients_detectable: int
 
@@ -102,27 +107,30 @@ def run_demo(
     say(f"  {sim}")
     say(f"  calibration products: {', '.join(sim.calibrations)}")
 
-    run = run_recipe(recipe_path("quicklook"), repo, profile=profile, progress=progress, log=say)
+    run = run_recipe(recipe_path("l1-l2"), repo, profile=profile, progress=progress, log=say)
 
-    ql = xr.open_zarr(repo.level_url("quicklook"))  # plain xarray, as any user would
+    l2 = xr.open_zarr(repo.level_url("l2"))  # plain xarray, as any user would
     truth = xr.open_zarr(repo.level_url(TRUTH_LEVEL))
-    exact = repo.open_state("simulation_truth")
-    current = (truth["IMAGE"] / exact["ABS_GAIN"] + exact["DARK"] + truth["PERSIST"]).median(("y", "x")).values
-    zodi = truth["ZODI"].median(("y", "x")).values  # [MJy / sr]
-    median = ql["stat_median"].values
-    errors = []
-    say("  median current [electron/s], quicklook vs truth (the difference is the readout channels' "
-        "reference offsets, which the preamplifier correction will remove):")
-    for i, b in enumerate(ql["band"].values):
-        got, want = float(np.nanmedian(median[i])), float(np.median(current[i]))
-        errors.append(abs(got / want - 1))
-        say(f"    D{int(b)}: {got:7.3f} vs {want:7.3f} ({got / want - 1:+6.1%}); "
-            f"zodi {np.median(zodi[i]):.3f} MJy/sr")
+    bad = _flags.mask(*_DEMO_BAD)
+    say("  Level 2 against the truth, unflagged pixels: (IMAGE - true sky) / sqrt(VARIANCE)")
+    pulls = {}
+    for b in l2["band"].values:
+        img, var = l2["IMAGE"].sel(band=b).values, l2["VARIANCE"].sel(band=b).values
+        good = ((l2["FLAGS"].sel(band=b).values & np.uint32(bad)) == 0) & np.isfinite(img)
+        pull = ((img - truth["IMAGE"].sel(band=b).values) / np.sqrt(var))[good]
+        zodi = float(np.nanmedian(l2["ZODI"].sel(band=b).values))
+        pulls[int(b)] = (float(pull.mean()), float(pull.std()))
+        say(f"    D{int(b)}: pull mean {pull.mean():+.3f}, std {pull.std():.3f} over {pull.size} pixels; "
+            f"zodi {zodi:.3f} MJy/sr")
     hits = repo.read_table("truth_transients", columns=["band", "obsid", "y", "x", "flagged"]).to_pandas()
     flagged = hits[hits.flagged].drop_duplicates(["band", "obsid", "y", "x"])
-    found = int(ql["flag_count"].sel(flag="TRANSIENT").sum())
+    count = l2["flag_count"]
+    found = int(count.sel(flag="TRANSIENT").sum())
     say(f"  TRANSIENT pixels flagged on board: {found} of {len(flagged)} detectable "
-        f"({len(hits)} particle hits injected, the rest too faint or too early in the ramp)")
-    say(f"  OVERFLOW pixels (saturating stars): {int(ql['flag_count'].sel(flag='OVERFLOW').sum())}")
-    say(f"done: open the levels with xarray.open_zarr('{repo.level_url('quicklook')}')")
-    return DemoResult(out, repo, run, max(errors), found, len(flagged))
+        f"({len(hits)} particle hits injected); OUTLIER pixels found on the ground: "
+        f"{int(count.sel(flag='OUTLIER').sum())}")
+    say(f"  PERSIST pixels: {int(count.sel(flag='PERSIST').sum())}; NONLINEAR: "
+        f"{int(count.sel(flag='NONLINEAR').sum())}; SOURCE: {float(count.sel(flag='SOURCE').sum()) / count.sizes['band'] / count.sizes['obs'] / (instrument.n_active ** 2):.0%} of pixels")
+    say(f"  images passing Level 2 data quality: {int(l2['l2dqa_pass'].sum())} of {l2['l2dqa_pass'].size}")
+    say(f"done: open the levels with xarray.open_zarr('{repo.level_url('l2')}') (also l1, l2a)")
+    return DemoResult(out, repo, run, pulls, found, len(flagged))

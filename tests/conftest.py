@@ -65,3 +65,28 @@ def assert_cubes_equal(a, b):
     for name in a.data_vars:
         assert a[name].dtype == b[name].dtype, name
     np.testing.assert_array_equal(a["obs"].values, b["obs"].values)
+
+
+SURVEY_CONFIG = {"instrument": "SPHEREx-small", "seed": 11, "bands": [1, 3, 6], "survey": {"n_exposures": 8}}
+
+
+@pytest.fixture(scope="session")
+def survey_path(tmp_path_factory):
+    """A simulated survey (small geometry, 8 exposures, bands 1, 3, 6): read-only, shared."""
+    from sphx.simulate import simulate_survey
+
+    path = tmp_path_factory.mktemp("survey") / "repo"
+    simulate_survey(SURVEY_CONFIG, path)
+    return path
+
+
+@pytest.fixture
+def survey(survey_path, tmp_path):
+    """A writable copy of the simulated survey's repository."""
+    import shutil
+
+    from sphx import open_repository
+
+    dest = tmp_path / "survey"
+    shutil.copytree(survey_path, dest)
+    return open_repository(dest)

@@ -13,16 +13,19 @@ def test_demo_runs_the_pipeline_and_checks_truth(tmp_path):
     result = run_demo(tmp_path / "out", profile="threads", n_exposures=2, log=lines.append)
     # the on-board TRANSIENT flags the quicklook counts are exactly the detectable hits injected
     assert result.transients_found == result.transients_detectable > 0
-    # reference offsets are still in (the preamplifier correction comes later): medians within 25 %
-    assert result.worst_current_error < 0.25
+    # calibrated Level 2 images against the true sky, unflagged pixels, every band
+    assert set(result.pulls) == {1, 2, 3, 4, 5, 6}
+    for mean, std in result.pulls.values():
+        assert abs(mean) < 0.1 and abs(std - 1) < 0.15
     assert result.output == (tmp_path / "out").resolve()
     assert {p.name for p in result.output.iterdir()} == {".sphx-demo", "repository"}
-    assert set(result.repository.levels()) == {"raw", "truth", "quicklook"}
-    ql = xr.open_zarr(result.repository.level_url("quicklook"))
-    assert ql.sizes["obs"] == 2 and int((ql["write_id"] > 0).sum()) == 12
+    assert set(result.repository.levels()) == {"raw", "truth", "l1", "l2a", "l2"}
+    l2 = xr.open_zarr(result.repository.level_url("l2"))
+    assert l2.sizes["obs"] == 2 and int((l2["write_id"] > 0).sum()) == 12
+    assert result.repository.state_versions("persistence") == [1]
     assert lines[0] == f"sphx demo: writing into {result.output}"
     assert any("simulated 2 exposure(s) x 6 band(s)" in line for line in lines)
-    assert sum("MJy/sr" in line for line in lines) == 6
+    assert sum("zodi" in line and "MJy/sr" in line for line in lines) == 6
     # running it again replaces its own output; it never deletes anything else
     run_demo(tmp_path / "out", profile="synchronous", n_exposures=1, log=lambda s: None)
     (tmp_path / "mine").mkdir()
@@ -38,4 +41,4 @@ def test_demo_command_on_the_embedded_cluster(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"writing into {tmp_path / 'sphx-demo'}" in proc.stdout
     assert "compute: distributed.LocalCluster()" in proc.stdout and "dashboard: http" in proc.stdout
-    assert (tmp_path / "sphx-demo" / "repository" / "quicklook.zarr" / "zarr.json").exists()
+    assert (tmp_path / "sphx-demo" / "repository" / "l2.zarr" / "zarr.json").exists()

@@ -17,7 +17,7 @@ from sphx.kernels.nonlinearity import measured_rate
 from sphx.kernels.ramp import slope_variance
 from sphx.simulate import TRUTH_LEVEL, Simulator, load_config, simulate_survey
 from sphx.simulate.sky import sed_flux
-from sphx.simulate.zodi import earth_position, zodi_brightness
+from sphx.zodi import earth_position, zodi_brightness
 from sphx.validate import validate_cube
 
 SMALL = {"instrument": "SPHEREx-small", "seed": 11}

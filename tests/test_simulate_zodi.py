@@ -1,4 +1,4 @@
-"""Tests of the Kelsall et al. (1998) zodiacal-light model in sphx.simulate.zodi."""
+"""Tests of the Kelsall et al. (1998) zodiacal-light model in sphx.zodi."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import integrate
 
 from sphx.errors import SimulationError
-from sphx.simulate.zodi import (
+from sphx.zodi import (
     COMPONENTS,
     earth_position,
     phase_function,

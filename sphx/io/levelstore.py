@@ -432,6 +432,7 @@ class LevelStore:
         overwrite: bool = False,
         provenance: Mapping[str, Any] | None = None,
         progress: ProgressSpec = None,
+        also: Sequence[Any] = (),
     ) -> WriteReport:
         """Store a cube's images; see the module docstring for the protocol.
 
@@ -445,6 +446,8 @@ class LevelStore:
             Steps, configs, recipe, inputs and calibrations that produced the cube.
         progress
             Progress display: True, False, None (on a terminal) or ``f(done, total)``.
+        also
+            Further dask collections to compute in the same pass (results discarded).
         """
         t0 = time.monotonic()
         if self.level.custom:
@@ -462,6 +465,8 @@ class LevelStore:
             plan = self._plan(cube, index, overwrite=overwrite)
             n_todo = int(plan.todo.sum())
             if not n_todo:
+                if also:
+                    dask.compute(*also)
                 return WriteReport(self.name, None, 0, plan.skipped, 0, time.monotonic() - t0)
             static = self._static_updates(cube, plan.band_pos)
             self._add_variables(cube)
@@ -480,7 +485,7 @@ class LevelStore:
                 bands=[int(b) for b in cube["band"].values],
             )
             try:
-                done = self._store(cube, plan, write_id, Progress(f"{self.name}: images", n_todo, progress))
+                done = self._store(cube, plan, write_id, Progress(f"{self.name}: images", n_todo, progress), also)
             except BaseException as exc:
                 write_record(self.loc, {**record, "status": "failed", "error": repr(exc)})
                 raise
@@ -683,7 +688,8 @@ class LevelStore:
         return updates
 
     # store images -----------------------------------------------------------------
-    def _store(self, cube: xr.Dataset, plan: _Plan, write_id: int, progress: Progress) -> int:
+    def _store(self, cube: xr.Dataset, plan: _Plan, write_id: int, progress: Progress,
+               also: Sequence[Any] = ()) -> int:
         sub = cube.isel(obs=plan.cube_obs)
         images = [str(n) for n, v in sub.data_vars.items() if var_kind(v.dims) == "image"]
         cells = [str(n) for n, v in sub.data_vars.items() if var_kind(v.dims) == "cell"]
@@ -767,10 +773,11 @@ class LevelStore:
             if client is not None:
                 from distributed import as_completed
 
-                futures = client.compute(delayed)
+                futures = client.compute([*delayed, *also])
                 try:
-                    for fut in as_completed(futures):
+                    for fut in as_completed(futures[:len(delayed)]):
                         record(fut.result())
+                    client.gather(futures[len(delayed):])
                 except BaseException:
                     client.cancel(futures)
                     raise
@@ -778,7 +785,7 @@ class LevelStore:
                 keys = {d.key for d in delayed}
                 # Local schedulers call back on the thread that runs the graph.
                 with Callback(posttask=lambda key, result, *_: record(result) if key in keys else None):
-                    dask.compute(*delayed)
+                    dask.compute(*delayed, *also)
         except BaseException as exc:
             flush(pending)
             total = int(plan.todo.sum())

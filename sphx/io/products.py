@@ -9,18 +9,30 @@ replaced by the next write.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import dask
 import xarray as xr
 
 from ..errors import CalibrationNotFoundError
 from .location import Location
 from .provenance import make_record, write_record
 
-__all__ = ["ProductStore"]
+__all__ = ["PendingVersion", "ProductStore"]
 
 _VERSION = re.compile(r"^v(\d{4,})\.zarr$")
+
+
+@dataclass(frozen=True)
+class PendingVersion:
+    """A version being written: compute ``delayed``, then ``commit()`` to make it visible."""
+
+    name: str
+    version: int
+    delayed: Any
+    commit: Callable[[], int]
 
 
 class ProductStore:
@@ -50,6 +62,17 @@ class ProductStore:
 
     def write(self, name: str, ds: xr.Dataset, *, provenance: Mapping[str, Any] | None = None) -> int:
         """Store ``ds`` as the next version of ``name`` and return the version number."""
+        pending = self.prepare(name, ds, provenance=provenance)
+        dask.compute(pending.delayed)
+        return pending.commit()
+
+    def prepare(self, name: str, ds: xr.Dataset, *, provenance: Mapping[str, Any] | None = None) -> PendingVersion:
+        """Lay out the next version of ``name``; its data are written when ``delayed`` runs.
+
+        A lazy ``ds`` (state computed by the same graph as a level write) is stored by
+        computing ``delayed`` together with that write; :meth:`PendingVersion.commit`
+        then writes the provenance record that makes the version visible.
+        """
         complete = self.versions(name)
         # An interrupted earlier write may have left a version directory without a record.
         for entry in self.loc.listdir(self.kind, name):
@@ -62,10 +85,15 @@ class ProductStore:
         for var in out.variables.values():
             var.encoding = {}
         self.loc.makedirs(self.kind, name)
-        out.to_zarr(self.loc.zarr_store(*self.path(name, version)), mode="w-", consolidated=False, zarr_format=3)
-        write_record(self.loc, make_record(kind=self._record_kind(), target=name, record_id=version,
-                                           provenance=provenance, status="complete"))
-        return version
+        delayed = out.to_zarr(self.loc.zarr_store(*self.path(name, version)), mode="w-", consolidated=False,
+                              zarr_format=3, compute=False)
+
+        def commit() -> int:
+            write_record(self.loc, make_record(kind=self._record_kind(), target=name, record_id=version,
+                                               provenance=provenance, status="complete"))
+            return version
+
+        return PendingVersion(name, version, delayed, commit)
 
     def open(self, name: str, version: int | str | None = None) -> xr.Dataset:
         """Open a version (default the latest); pixel maps are lazy, one dask chunk per band."""

@@ -31,7 +31,7 @@ from ..instrument import SPHEREX, Instrument
 from ..levels import get_level
 from .levelstore import LevelStore, WriteReport
 from .location import Location
-from .products import ProductStore
+from .products import PendingVersion, ProductStore
 from .provenance import read_records, utc_now
 from .tables import read_table, table_names, write_table
 
@@ -181,15 +181,19 @@ class Repository:
         overwrite: bool = False,
         provenance: Mapping[str, Any] | None = None,
         progress: ProgressSpec = None,
+        also: Sequence[Any] = (),
     ) -> WriteReport:
         """Append a cube to a level (created on first write); complete images are kept.
 
         Observations already stored are skipped image by image (or rewritten with
         ``overwrite=True``); new observations must be later than every stored one.
         The cube's dask graph is computed on the current distributed client if there is
-        one, otherwise on dask's default scheduler.
+        one, otherwise on dask's default scheduler. ``also`` are further dask
+        collections computed in the same pass (so that work they share with the cube,
+        such as a scan state, is done once), even when no image needs writing.
         """
-        return self._level(name).write(cube, overwrite=overwrite, provenance=provenance, progress=progress)
+        return self._level(name).write(cube, overwrite=overwrite, provenance=provenance, progress=progress,
+                                       also=also)
 
     def image_provenance(self, name: str, *, band: int, obs: int | str) -> dict[str, Any]:
         """The provenance record of the write that produced one image."""
@@ -227,6 +231,15 @@ class Repository:
     def write_state(self, name: str, ds: xr.Dataset, *, provenance: Mapping[str, Any] | None = None) -> int:
         """Store scan state (e.g. persistence after the last exposure) as a new version."""
         return self._state.write(name, ds, provenance=provenance)
+
+    def prepare_state(self, name: str, ds: xr.Dataset, *,
+                      provenance: Mapping[str, Any] | None = None) -> PendingVersion:
+        """Lay out the next version of a (lazy) state, to be computed with a level write.
+
+        Compute ``pending.delayed`` (for example as ``also=`` of :meth:`write_level`),
+        then call ``pending.commit()``; until then the version is invisible.
+        """
+        return self._state.prepare(name, ds, provenance=provenance)
 
     def open_state(self, name: str, version: int | str | None = None) -> xr.Dataset:
         return self._state.open(name, version)

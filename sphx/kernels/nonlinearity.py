@@ -166,12 +166,19 @@ def true_rate(
     last: int = 76,
     frame_time: float = 1.5349,
     iterations: int = 30,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Invert :func:`measured_rate` for ramps fitted over all frames (no overflow).
 
     Returns the true current [electron / s]; NaN where the measured slope lies beyond
-    the turnover of ``g`` (where the pixel must be flagged NONLINEAR anyway).
+    the turnover of ``g`` (where the pixel must be flagged NONLINEAR anyway). With
+    ``out`` (2-D, any float dtype) the arrays are used as they are, without float64
+    copies (the parameters must then have the shape of ``measured``); the arithmetic is
+    float64 either way.
     """
+    if out is not None:
+        _invert(measured, q_nl, b1, b2, b3, first, last, float(frame_time), iterations, out)
+        return out
     measured = np.ascontiguousarray(measured, dtype=np.float64)
     shape = measured.shape
     args = [np.broadcast_to(np.asarray(a, dtype=np.float64), shape) for a in (q_nl, b1, b2, b3)]

@@ -333,6 +333,11 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
                     raise _err(f"calibration {product!r} has no version {version} (versions {available})",
                                file, f"calibrations.{product}")
                 used[product] = version
+            held = set(repo.tables())
+            for table, required in step.tables.items():
+                if required and table not in held:
+                    raise _err(f"step {step.name!r} reads table {table!r}, which repository {repo.location} "
+                               f"does not hold (tables: {', '.join(sorted(held)) or 'none'})", file, use.key)
             for var in step.removes:
                 frame.units.pop(var, None)
             for var, units in step.converts.items():

@@ -9,11 +9,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import xarray as xr
+
 from .._progress import ProgressSpec
 from ..io.levelstore import WriteReport
 from ..io.repository import Repository, open_repository
 from .compute import ComputeSpec, compute_context, resolve_compute
-from .recipe import Recipe, check_recipe, load_recipe
+from .recipe import Recipe, Stage, check_recipe, load_recipe
 
 __all__ = ["RunReport", "format_plan", "run_recipe"]
 
@@ -46,6 +50,48 @@ def format_plan(plan: list[dict[str, Any]]) -> str:
             cal = ", ".join(f"{k} v{v}" for k, v in s["calibrations"].items())
             lines.append(f"  - {s['step']}" + (f" ({cfg})" if cfg else "") + (f" [calibrations: {cal}]" if cal else ""))
     return "\n".join(lines)
+
+
+def _read_tables(repo: Repository, stage: Stage) -> dict[str, pa.Table]:
+    """The repository tables the stage's steps read (optional ones when present)."""
+    wanted = {name for use in stage.steps for name in use.step.tables}
+    held = set(repo.tables())
+    return {name: repo.read_table(name) for name in sorted(wanted & held)}
+
+
+def _previous_state(repo: Repository, name: str, ds: xr.Dataset) -> tuple[xr.Dataset | None, int | None]:
+    """The newest stored version of state ``name`` that ends before the cube's first exposure.
+
+    Re-running a batch thus continues from the state before it, and a later batch from
+    the state after the earlier one; with none, the scan starts empty.
+    """
+    start = float(ds["mjd_beg"].values.min())
+    for version in reversed(repo.state_versions(name)):
+        state = repo.open_state(name, version)
+        ends = state["state_mjd_end"].values if "state_mjd_end" in state else np.array([np.inf])
+        if np.all(~(ends >= start)):  # NaN (a band without exposures) does not block
+            return state, version
+    return None, None
+
+
+def _drop_unused_coords(ds: xr.Dataset) -> xr.Dataset:
+    used = {d for v in ds.data_vars.values() for d in v.dims}
+    return ds.drop_vars([n for n, c in ds.coords.items() if n not in ds.indexes and not set(c.dims) <= used]
+                        + [n for n in ds.indexes if n not in used])
+
+
+def _write_reports(repo: Repository, stage: Stage, ds: xr.Dataset, say: Callable[[str], None]) -> None:
+    """Tables the stage's steps derive from the written level, keyed by the batch's first and last obs."""
+    reporters = {name: fn for use in stage.steps for name, fn in use.step.reports.items()}
+    if not reporters:
+        return
+    ids = [str(o) for o in ds["obsid"].values]
+    level = repo.open_level(stage.output, obs=ids)
+    for name, fn in reporters.items():
+        table = fn(level)
+        repo.write_table(name, table, key=f"{stage.output}_{ids[0]}_{ids[-1]}",
+                         provenance={"stage": stage.name, "level": stage.output})
+        say(f"  table {name}: {table.num_rows} row(s)")
 
 
 def run_recipe(
@@ -103,10 +149,18 @@ def run_recipe(
                 say(f"  no complete observations of {stage.input!r} match the selection; nothing to do")
                 continue
             calibrations: dict[str, int] = {}
+            tables = _read_tables(repo, stage)
+            states: list[tuple[str, xr.Dataset, int | None]] = []
             for use, used in zip(stage.steps, stage_plan["steps"], strict=True):
                 calib = {name: repo.open_calibration(name, version) for name, version in used["calibrations"].items()}
                 calibrations.update(used["calibrations"])
-                ds = use.step(ds, calib=calib, config=use.config, instrument=repo.instrument)
+                step = use.step
+                previous, version = _previous_state(repo, step.state, ds) if step.state else (None, None)
+                ds = step(ds, calib=calib, config=use.config, instrument=repo.instrument, tables=tables,
+                          state=previous)
+                if step.state:
+                    states.append((step.state, ds[list(step.state_variables)], version))
+                    ds = _drop_unused_coords(ds.drop_vars(list(step.state_variables)))
             provenance = {
                 "recipe": recipe.identity(),
                 "stage": stage.name,
@@ -114,9 +168,16 @@ def run_recipe(
                 "input": {"level": stage.input, "observations": int(ds.sizes["obs"]),
                           "bands": [int(b) for b in ds["band"].values]},
                 "calibrations": calibrations,
+                "tables": sorted(tables),
                 "compute": spec.describe(),
             }
-            report.writes.append(repo.write_level(stage.output, ds, provenance=provenance, progress=progress))
+            pending = [repo.prepare_state(name, st, provenance={**provenance, "continues": version})
+                       for name, st, version in states]
+            report.writes.append(repo.write_level(stage.output, ds, provenance=provenance, progress=progress,
+                                                  also=[p.delayed for p in pending]))
+            for p in pending:
+                say(f"  state {p.name} v{p.commit()}")
             say(f"  {report.writes[-1]}")
+            _write_reports(repo, stage, ds, say)
     report.elapsed = time.monotonic() - t0
     return report

@@ -37,9 +37,23 @@ Frame = Literal["any", "raw", "active"]
 
 # Modules whose import registers the built-in steps, in pipeline order.
 _BUILTIN = (
+    "sphx.level1.association",
+    "sphx.level1.coarse_astrometry",
     "sphx.level1.engineering_units",
+    "sphx.level1.preamp",
+    "sphx.level1.sur",
     "sphx.quality",
+    "sphx.level1.quality",
+    "sphx.level2.nonlinearity",
+    "sphx.level2.variance",
+    "sphx.level2.persistence",
     "sphx.level2.reference_pixels",
+    "sphx.level2.bad_pixels",
+    "sphx.level2.photometric",
+    "sphx.level2.source_mask",
+    "sphx.level2.outliers",
+    "sphx.level2.zodi",
+    "sphx.level2.quality",
 )
 _REGISTRY: dict[str, Step] = {}
 _loaded = False
@@ -87,6 +101,19 @@ class Step:
         Variables it drops.
     calibrations
         Calibration products it needs.
+    tables
+        Repository tables it reads, each ``True`` when required (``False``: used when
+        present); passed to the function as ``tables={name: pyarrow.Table}``.
+    state
+        Name of the scan state it continues (``None`` for none): the function receives the
+        previous state as ``state=`` (an ``xarray.Dataset`` or ``None`` at the start)
+        and returns the new one in ``state_variables`` of its output, which a runner
+        stores as the next version of that state and drops from the level.
+    state_variables
+        The output variables that hold the new state.
+    reports
+        Tables derived from the written level, ``{table name: f(level) -> pyarrow.Table}``;
+        a runner writes them after the level.
     frame
         Pixel frame it works on: ``"raw"`` (reference border present), ``"active"`` or ``"any"``.
     output_frame
@@ -102,6 +129,10 @@ class Step:
     converts: Mapping[str, str] = field(default_factory=dict)
     removes: tuple[str, ...] = ()
     calibrations: tuple[str, ...] = ()
+    tables: Mapping[str, bool] = field(default_factory=dict)
+    state: str | None = None
+    state_variables: tuple[str, ...] = ()
+    reports: Mapping[str, Callable[[xr.Dataset], Any]] = field(default_factory=dict)
     frame: Frame = "any"
     output_frame: Frame | None = None
 
@@ -135,6 +166,8 @@ class Step:
         calib: Mapping[str, xr.Dataset] | None = None,
         config: StepConfig | Mapping[str, Any] | None = None,
         instrument: Instrument | None = None,
+        tables: Mapping[str, Any] | None = None,
+        state: xr.Dataset | None = None,
         **options: Any,
     ) -> xr.Dataset:
         cfg = self.make_config(config, **options)
@@ -142,6 +175,10 @@ class Step:
         missing = [c for c in self.calibrations if c not in calib]
         if missing:
             raise CalibrationError(f"step {self.name!r} needs calibration product(s) {missing}; pass calib={{...}}")
+        tables = {k: v for k, v in (tables or {}).items() if k in self.tables}
+        missing = [t for t, required in self.tables.items() if required and t not in tables]
+        if missing:
+            raise StepError(f"step {self.name!r} needs table(s) {missing}; pass tables={{...}}")
         for var, units in self.reads.items():
             if var not in ds.variables:
                 raise StepError(f"step {self.name!r} needs variable {var}, which the cube does not have")
@@ -149,7 +186,12 @@ class Step:
                 raise StepError(
                     f"step {self.name!r} needs {var} in {units!r}, but the cube has {ds[var].attrs.get('units')!r}"
                 )
-        out = self.func(ds, calib=calib, config=cfg, instrument=instrument or instrument_of(ds))
+        extra: dict[str, Any] = {}
+        if self.tables:
+            extra["tables"] = tables
+        if self.state is not None:
+            extra["state"] = state
+        out = self.func(ds, calib=calib, config=cfg, instrument=instrument or instrument_of(ds), **extra)
         history = [*ds.attrs.get("history", []), f"{self.module}, sphx {self.name} {__version__}"]
         for c in self.calibrations:
             version = calib[c].attrs.get("sphx_version")
@@ -168,6 +210,10 @@ def register_step(
     converts: Mapping[str, str] | None = None,
     removes: tuple[str, ...] = (),
     calibrations: tuple[str, ...] = (),
+    tables: Mapping[str, bool] | None = None,
+    state: str | None = None,
+    state_variables: tuple[str, ...] = (),
+    reports: Mapping[str, Callable[[xr.Dataset], Any]] | None = None,
     frame: Frame = "any",
     output_frame: Frame | None = None,
 ) -> Callable[[Callable[..., xr.Dataset]], Callable[..., xr.Dataset]]:
@@ -175,7 +221,8 @@ def register_step(
 
     def decorate(func: Callable[..., xr.Dataset]) -> Callable[..., xr.Dataset]:
         step = Step(name, module, func, config, dict(reads or {}), dict(writes or {}), dict(converts or {}),
-                    tuple(removes), tuple(calibrations), frame, output_frame)
+                    tuple(removes), tuple(calibrations), dict(tables or {}), state, tuple(state_variables),
+                    dict(reports or {}), frame, output_frame)
         if name in _REGISTRY and _REGISTRY[name].func.__qualname__ != func.__qualname__:
             raise ValueError(f"step name {name!r} is already registered by {_REGISTRY[name].func.__module__}")
         _REGISTRY[name] = step
@@ -183,8 +230,10 @@ def register_step(
         @functools.wraps(func)
         def run(ds: xr.Dataset, *, calib: Mapping[str, xr.Dataset] | None = None,
                 config: StepConfig | Mapping[str, Any] | None = None, instrument: Instrument | None = None,
+                tables: Mapping[str, Any] | None = None, state: xr.Dataset | None = None,
                 **options: Any) -> xr.Dataset:
-            return step(ds, calib=calib, config=config, instrument=instrument, **options)
+            return step(ds, calib=calib, config=config, instrument=instrument, tables=tables, state=state,
+                        **options)
 
         run.step = step  # type: ignore[attr-defined]
         return run

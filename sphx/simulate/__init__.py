@@ -9,11 +9,12 @@ that was true. Same configuration and seed, same bytes.
 ...                          "my-survey")  # doctest: +SKIP
 
 Modules: :mod:`~sphx.simulate.survey` (plan and orbit), :mod:`~sphx.simulate.sky`
-(reference catalogue and spectra), :mod:`~sphx.simulate.zodi` (Kelsall et al. 1998),
-:mod:`~sphx.simulate.optics` (filters, PSF, focal plane), :mod:`~sphx.simulate.detector`
-(per-pixel properties), :mod:`~sphx.simulate.simulator` (one exposure at a time),
-:mod:`~sphx.simulate.products` (calibration products and detector truth) and
-:mod:`~sphx.simulate.run` (writing a survey into a repository).
+(reference catalogue and spectra), :mod:`~sphx.simulate.optics` (filters, PSF, focal
+plane), :mod:`~sphx.simulate.detector` (per-pixel properties),
+:mod:`~sphx.simulate.simulator` (one exposure at a time), :mod:`~sphx.simulate.products`
+(calibration products and detector truth) and :mod:`~sphx.simulate.run` (writing a survey
+into a repository). The zodiacal-light model (Kelsall et al. 1998) is :mod:`sphx.zodi`,
+shared with the pipeline's Get Zodi Model step.
 """
 
 from .config import SimulationConfig, load_config

@@ -69,7 +69,7 @@ class SkyConfig(_Model):
 
 
 class ZodiConfig(_Model):
-    """Zodiacal light (see :mod:`sphx.simulate.zodi`)."""
+    """Zodiacal light (see :mod:`sphx.zodi`)."""
 
     enabled: bool = True
     nodes: int = Field(16, ge=4, le=128, description="model nodes per detector side, interpolated between")

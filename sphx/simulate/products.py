@@ -101,8 +101,13 @@ def calibration_products(sim: Simulator) -> dict[str, xr.Dataset]:
             for k in ("a", "b", "ap", "bp")}},
         coords={"band": np.asarray(sim.bands, np.int64), "fp_axis": np.array(["u", "v"], dtype=STRING_DTYPE)})
     k = len(cfg.detector.trap_taus)
+    # the traps fill no further once the on-board overflow level is passed (Simulator._image)
+    saturation = [np.broadcast_to(1.2 * cfg.detector.overflow_adu * d.gain[inst.readout_channel(b, np.arange(n))],
+                                  shape).astype(np.float32) for b, d in zip(sim.bands, dets, strict=True)]
     out["persistence_pars"] = xr.Dataset(
         {"TRAP_DENSITY": (("band", "y", "x"), np.stack([d.trap_density for d in dets]), {"units": ""}),
+         "TRAP_SATURATION": (("band", "y", "x"), np.stack(saturation),
+                             {"units": "electron", "long_name": "collected charge above which traps fill no further"}),
          "TRAP_FRACTION": (("band", "trap"), np.tile(cfg.detector.trap_fractions, (len(dets), 1)), {"units": ""}),
          "TRAP_TAU": (("band", "trap"), np.tile(cfg.detector.trap_taus, (len(dets), 1)), {"units": "s"})},
         coords={**_pixel_coords(sim), "trap": np.arange(k)})

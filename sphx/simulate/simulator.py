@@ -51,7 +51,7 @@ from .optics import FocalPlane, focal_plane, psf_sigmas, render_point_sources, s
 from .readout import add_ramp_noise, expose, read_out
 from .sky import catalog_for_pixels, pixels_in_footprint, propagate, sed_flux
 from .survey import OBLIQUITY, SurveyPlan, equatorial_to_ecliptic, plan_survey
-from .zodi import earth_position, zodi_brightness
+from ..zodi import earth_position, zodi_brightness
 
 __all__ = ["TRUTH_LEVEL", "ImageResult", "Simulator"]
 

@@ -74,7 +74,7 @@ from collections.abc import Iterable
 import numba
 import numpy as np
 
-from sphx.errors import SimulationError
+from .errors import SimulationError
 
 __all__ = [
     "COMPONENTS",

@@ -1,0 +1,541 @@
+"""NaN-aware 2-D median filter (numba), the background for outlier detection.
+
+Level 2b "Detect Outlier Pixels" sigma-clips an image against a median-filtered copy of
+itself. :func:`median_filter` gives the median of the ``size x size`` window centred on
+each pixel, with the edges of :func:`scipy.ndimage.median_filter` (``mode="reflect"``:
+the image is mirrored about its edge, ``d c b a | a b c d | d c b a``), so that on an
+image without NaN both give the same numbers, bit for bit. NaN pixels are left out of
+the windows they fall in, which scipy does not do.
+
+How sizes 3 and 5 are fast
+--------------------------
+Each output row first sorts every column of ``size`` pixels once (a sorting network on
+whole rows, so LLVM vectorises it); the ``size`` horizontally adjacent windows that
+contain a column share that sort. With the columns of a window sorted, the median is a
+short, branch-free chain of minima and maxima (a selection network), also computed on
+whole rows at a time:
+
+* 3 x 3: sort the rows of the column-sorted window; the median is the median of the
+  anti-diagonal (the largest of the smallest row, the middle of the middle row, the
+  smallest of the largest row).
+* 5 x 5: sort the rows too, after which only the 13 pixels of anti-diagonals 3, 4 and 5
+  can be the median, and sorting those three anti-diagonals leaves it as the median of
+  (largest of anti-diagonal 3, median of anti-diagonal 4, smallest of anti-diagonal 5).
+  Minima and maxima commute with thresholding, so this was checked on every window of
+  zeros and ones with sorted columns (the 0-1 principle), which proves it for all
+  values; the tests repeat that check through :func:`median_filter`.
+
+NaN becomes +inf before the column sort and each column counts its NaNs, so a window
+with ``m`` NaN has its ``n = size**2 - m`` finite values first in every sorted column.
+Those few windows take their median by merging the sorted columns up to the middle
+rank. Other odd sizes gather each window's finite values and select the middle one
+(quickselect), which is exact but does not share work between windows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+
+__all__ = ["median_filter"]
+
+
+def median_filter(image: np.ndarray, *, size: int = 5, out: np.ndarray | None = None) -> np.ndarray:
+    """Median of the ``size x size`` window around each pixel, ignoring NaN.
+
+    Parameters
+    ----------
+    image : (ny, nx) float32 or float64 array
+        The image, in any unit; the median has the same unit.
+    size : int, optional
+        Window width and height in pixels; odd and at least 1. Sizes 3 and 5 have
+        dedicated fast paths; other sizes use a slower general one.
+    out : (ny, nx) array of the result dtype, optional
+        Where to write the result. It may be ``image`` itself.
+
+    Returns
+    -------
+    (ny, nx) array
+        The median filtered image, float32 for a float32 image and float64 for a
+        float64 one (``out`` when given). Past the edges the window sees the image
+        mirrored about its edge (``scipy.ndimage`` ``mode="reflect"``), so an image
+        without NaN gives exactly ``scipy.ndimage.median_filter(image, size=size)``.
+        NaN pixels are left out of a window: the result is the median of its finite
+        values, the mean of the two middle ones when their number is even, and NaN when
+        the window has none. Infinities count as values.
+
+    Raises
+    ------
+    TypeError
+        If ``image`` is not a floating-point array of 32 or 64 bits.
+    ValueError
+        If ``image`` is not 2-D, ``size`` is not a positive odd integer, or ``out`` does
+        not have the shape and dtype of the result.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"median_filter needs a 2-D image, got {image.ndim} dimension(s) of shape {image.shape}")
+    if image.dtype.kind != "f" or image.dtype.itemsize not in (4, 8):
+        raise TypeError(f"median_filter needs a float32 or float64 image, got dtype {image.dtype}")
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1 or size % 2 == 0:
+        raise ValueError(f"median_filter needs an odd window size >= 1, got size={size!r}")
+    size = int(size)
+    dtype = np.dtype(np.float32 if image.dtype.itemsize == 4 else np.float64)
+    if out is None:
+        out = np.empty(image.shape, dtype)
+    elif not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != dtype:
+        got = f"shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"median_filter out must be an array of shape {image.shape} and dtype {dtype}, got {got}")
+    if image.size == 0:
+        return out
+    # Each output row reads ``size`` input rows, so writing into the image itself (or an
+    # overlapping view) would feed already-filtered pixels to later rows: filter a copy.
+    if np.shares_memory(image, out):
+        image = image.copy()
+    src = np.ascontiguousarray(image, dtype=dtype)
+    dst = out if out.flags.c_contiguous else np.empty(image.shape, dtype)
+    n_chunks = min(src.shape[0], 4 * numba.get_num_threads())
+    posinf = dtype.type(np.inf)
+    if size == 1:
+        dst[...] = src
+    else:
+        column_ops, inputs, ops, full_ops, out_wire = _window_network(size)
+        if size == 5:
+            _median5(src, dst, n_chunks, posinf, full_ops, out_wire)
+        elif size == 3:
+            _median3(src, dst, n_chunks, posinf, full_ops, out_wire)
+        else:
+            _median_network(src, dst, n_chunks, posinf, size, column_ops, inputs, ops, full_ops, out_wire)
+    if dst is not out:
+        out[...] = dst
+    return out
+
+
+# --- the selection networks ------------------------------------------------------------
+
+
+def _sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort on ``n`` wires as compare-exchange pairs ``(a, b)``,
+    ``a < b``, that leave the smaller value on ``a`` (any ``n``, not only powers of 2)."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+_MIN, _MAX = 1, 2
+
+
+def _prune(pairs: list[tuple[int, int]], out_wire: int) -> np.ndarray:
+    """Keep only the minima and maxima ``out_wire`` depends on (backwards liveness), as
+    rows ``(a, b, what)``: the minimum goes to ``a`` if ``what & 1``, the maximum to ``b``
+    if ``what & 2``."""
+    live = {out_wire}
+    ops = []
+    for a, b in reversed(pairs):
+        what = (_MIN if a in live else 0) | (_MAX if b in live else 0)
+        if what:
+            ops.append((a, b, what))
+            live |= {a, b}
+    return np.array(ops[::-1], np.int64).reshape(-1, 3)
+
+
+@functools.cache
+def _window_network(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Selection networks for the median of a ``size x size`` window.
+
+    Wire ``i * size + j`` holds window row ``i``, column ``j``. Once the columns and then
+    the rows are sorted (sorting the rows keeps the columns sorted), the value at
+    ``(i, j)`` has at least ``(i + 1)(j + 1)`` values of the window at or below it and
+    ``(size - i)(size - j)`` at or above it. Only wires with both counts at most ``k + 1``
+    (``k = size**2 // 2``, the middle rank) can hold the median; the others split evenly
+    below and above it, so the median is the middle value of these candidates, which a
+    sorting network on them finds.
+
+    Returns
+    -------
+    column_ops : (n, 2) int64
+        The sorting network of one column of ``size`` values.
+    inputs : (m, 3) int64
+        ``(wire, i, j)``: the wires the window network reads, with the rank ``i`` in
+        sorted column ``j`` each starts from.
+    ops : (q, 3) int64
+        The window network on column-sorted wires, pruned as in :func:`_prune`.
+    full_ops : (p, 3) int64
+        The same, with the column sorts in front: the median of a window of raw values.
+    out_wire : int
+        The wire that ends holding the median.
+    """
+    k = size * size // 2
+    column = _sorting_network(size)
+    rows = [(i * size + a, i * size + b) for i in range(size) for a, b in column]
+    cand = [i * size + j for i in range(size) for j in range(size)
+            if (i + 1) * (j + 1) <= k + 1 and (size - i) * (size - j) <= k + 1]
+    select = [(cand[a], cand[b]) for a, b in _sorting_network(len(cand))]
+    out_wire = cand[len(cand) // 2]
+    ops = _prune(rows + select, out_wire)
+    live = sorted(set(ops[:, :2].ravel()) | {out_wire})
+    inputs = np.array([(w, w // size, w % size) for w in live], np.int64).reshape(-1, 3)
+    columns = [(a * size + j, b * size + j) for j in range(size) for a, b in column]
+    full_ops = _prune(columns + rows + select, out_wire)
+    return np.array(column, np.int64).reshape(-1, 2), inputs, ops, full_ops, out_wire
+
+
+_BLOCK = 256  # windows per batch through a network: its wires stay in L1/L2 cache
+
+
+# --- shared numba pieces ---------------------------------------------------------------
+
+
+@numba.njit(nogil=True, cache=True)
+def _reflect(i, n):
+    """Index ``i`` into a length-``n`` axis mirrored about its edges (half-sample)."""
+    period = 2 * n
+    i = i % period  # Python semantics: non-negative
+    if i >= n:
+        i = period - 1 - i
+    return i
+
+
+@numba.njit(nogil=True, cache=True)
+def _min(a, b):
+    return a if a < b else b
+
+
+@numba.njit(nogil=True, cache=True)
+def _max(a, b):
+    return b if a < b else a
+
+
+@numba.njit(nogil=True, cache=True)
+def _ce(a, b):
+    """Compare-exchange: ``(min, max)``. The ``a < b`` selects compile to (vector) min and
+    max instructions; NaN never gets here."""
+    return _min(a, b), _max(a, b)
+
+
+@numba.njit(nogil=True, cache=True)
+def _med3(a, b, c):
+    return _max(_min(a, b), _min(_max(a, b), c))
+
+
+@numba.njit(nogil=True, cache=True)
+def _sort3(a, b, c):
+    a, b = _ce(a, b)
+    b, c = _ce(b, c)
+    a, b = _ce(a, b)
+    return a, b, c
+
+
+@numba.njit(nogil=True, cache=True)
+def _sort5(a, b, c, d, e):
+    # A 9-comparator sorting network; callers use a few of its outputs and LLVM drops
+    # the comparisons the others needed.
+    a, b = _ce(a, b)
+    d, e = _ce(d, e)
+    c, e = _ce(c, e)
+    c, d = _ce(c, d)
+    a, d = _ce(a, d)
+    a, c = _ce(a, c)
+    b, e = _ce(b, e)
+    b, d = _ce(b, d)
+    b, c = _ce(b, c)
+    return a, b, c, d, e
+
+
+@numba.njit(nogil=True, cache=True)
+def _clean(v, posinf):
+    return v if v == v else posinf
+
+
+@numba.njit(nogil=True, cache=True)
+def _nan(v):
+    return np.int32(v != v)
+
+
+@numba.njit(nogil=True, cache=True)
+def _run_network(work, n, ops):
+    """Apply a pruned network (:func:`_prune`) to the windows ``work[:, :n]``, one wire
+    a row, so that every compare-exchange is a vector loop over the windows."""
+    for t in range(ops.shape[0]):
+        lo = work[ops[t, 0]]
+        hi = work[ops[t, 1]]
+        what = ops[t, 2]
+        if what == _MIN | _MAX:
+            for x in range(n):
+                a = lo[x]
+                b = hi[x]
+                lo[x] = _min(a, b)
+                hi[x] = _max(a, b)
+        elif what == _MIN:
+            for x in range(n):
+                lo[x] = _min(lo[x], hi[x])
+        else:
+            for x in range(n):
+                hi[x] = _max(lo[x], hi[x])
+
+
+@numba.njit(nogil=True, cache=True)
+def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, queue, n_queued):
+    """Queue the windows of output row ``y`` that hold NaN (the fast paths assumed none)
+    for :func:`_flush_nan_windows`, which runs when the queue is full; returns the new
+    queue length.
+
+    A window with ``m`` NaN and ``n = size**2 - m`` finite values goes through the
+    median network twice, once with its NaN replaced by -inf, +inf, -inf, ... and once by
+    +inf, -inf, +inf, ...: the fake values pad the finite ones evenly on both sides, so
+    the median of all ``size**2`` values is the median of the finite ones, the lower of
+    the two middle ones in the first pass and the upper in the second when ``n`` is even.
+
+    ``xr`` maps padded columns to image columns and ``nan_cols`` counts the NaN of each
+    padded column of the window rows.
+    """
+    work_a, work_b, where_y, where_x, n_nan = queue
+    ny = image.shape[0]
+    nx = out.shape[1]
+    r = size // 2
+    rows = np.empty(size, np.int64)
+    for i in range(size):
+        rows[i] = _reflect(y - r + i, ny)
+    count = 0
+    for j in range(size):
+        count += nan_cols[j]
+    for x in range(nx):
+        if x > 0:
+            count += nan_cols[x + size - 1] - nan_cols[x - 1]
+        if count == 0:
+            continue
+        t = n_queued
+        where_y[t] = y
+        where_x[t] = x
+        n_nan[t] = count
+        odd = False
+        for i in range(size):
+            for j in range(size):
+                v = image[rows[i], xr[x + j]]
+                if v == v:
+                    work_a[i * size + j, t] = v
+                    work_b[i * size + j, t] = v
+                else:
+                    work_a[i * size + j, t] = np.inf if odd else -np.inf
+                    work_b[i * size + j, t] = -np.inf if odd else np.inf
+                    odd = not odd
+        n_queued += 1
+        if n_queued == work_a.shape[1]:
+            _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued)
+            n_queued = 0
+    return n_queued
+
+
+@numba.njit(nogil=True, cache=True)
+def _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued):
+    """Take the median of the ``n_queued`` windows queued by :func:`_queue_nan_windows`."""
+    if n_queued == 0:
+        return
+    work_a, work_b, where_y, where_x, n_nan = queue
+    _run_network(work_a, n_queued, full_ops)
+    _run_network(work_b, n_queued, full_ops)
+    for t in range(n_queued):
+        if n_nan[t] == size * size:
+            value = np.nan
+        else:
+            lower = work_a[out_wire, t]
+            upper = work_b[out_wire, t]
+            value = lower if lower == upper else 0.5 * (np.float64(lower) + np.float64(upper))
+        out[where_y[t], where_x[t]] = value
+
+
+@numba.njit(nogil=True, cache=True)
+def _nan_queue(size, like):
+    """Scratch for :func:`_queue_nan_windows`: the two network inputs (wire x window, of
+    the dtype of ``like``) and the row, column and NaN count of each queued window."""
+    return (np.empty((size * size, _BLOCK), like.dtype), np.empty((size * size, _BLOCK), like.dtype),
+            np.empty(_BLOCK, np.int64), np.empty(_BLOCK, np.int64), np.empty(_BLOCK, np.int64))
+
+
+# --- 5 x 5 -----------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _median5(image, out, n_chunks, posinf, full_ops, out_wire):
+    ny = image.shape[0]
+    for chunk in numba.prange(n_chunks):
+        c = np.int64(chunk)  # prange indices may be unsigned; keep the row arithmetic integer
+        _rows5(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf, full_ops, out_wire)
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows5(image, out, y_start, y_stop, posinf, full_ops, out_wire):
+    ny, nx = image.shape
+    xr = np.empty(nx + 4, np.int64)
+    for p in range(nx + 4):
+        xr[p] = _reflect(p - 2, nx)
+    # cols[i, p]: i-th smallest of padded column p (image column xr[p]) of the 5 rows
+    cols = np.empty((5, nx + 4), image.dtype)
+    nan_cols = np.empty(nx + 4, np.int32)
+    queue = _nan_queue(5, image)
+    n_queued = 0
+    for y in range(y_start, y_stop):
+        r0 = image[_reflect(y - 2, ny)]
+        r1 = image[_reflect(y - 1, ny)]
+        r2 = image[y]
+        r3 = image[_reflect(y + 1, ny)]
+        r4 = image[_reflect(y + 2, ny)]
+        any_nan = 0
+        for x in range(nx):
+            v0, v1, v2, v3, v4 = r0[x], r1[x], r2[x], r3[x], r4[x]
+            m = _nan(v0) + _nan(v1) + _nan(v2) + _nan(v3) + _nan(v4)
+            nan_cols[x + 2] = m
+            any_nan += m
+            s0, s1, s2, s3, s4 = _sort5(_clean(v0, posinf), _clean(v1, posinf), _clean(v2, posinf),
+                                        _clean(v3, posinf), _clean(v4, posinf))
+            cols[0, x + 2] = s0
+            cols[1, x + 2] = s1
+            cols[2, x + 2] = s2
+            cols[3, x + 2] = s3
+            cols[4, x + 2] = s4
+        for p in (0, 1, nx + 2, nx + 3):
+            for i in range(5):
+                cols[i, p] = cols[i, xr[p] + 2]
+            nan_cols[p] = nan_cols[xr[p] + 2]
+        out_row = out[y]
+        for x in range(nx):
+            # sort the window rows: m{i}{j} is the j-th smallest of row i; only those on
+            # anti-diagonals 3-5 can be the median
+            _, _, _, m03, m04 = _sort5(cols[0, x], cols[0, x + 1], cols[0, x + 2], cols[0, x + 3], cols[0, x + 4])
+            _, _, m12, m13, m14 = _sort5(cols[1, x], cols[1, x + 1], cols[1, x + 2], cols[1, x + 3],
+                                         cols[1, x + 4])
+            _, m21, m22, m23, _ = _sort5(cols[2, x], cols[2, x + 1], cols[2, x + 2], cols[2, x + 3],
+                                         cols[2, x + 4])
+            m30, m31, m32, _, _ = _sort5(cols[3, x], cols[3, x + 1], cols[3, x + 2], cols[3, x + 3],
+                                         cols[3, x + 4])
+            m40, m41, _, _, _ = _sort5(cols[4, x], cols[4, x + 1], cols[4, x + 2], cols[4, x + 3], cols[4, x + 4])
+            low = _max(_max(m03, m12), _max(m21, m30))
+            _, _, mid, _, _ = _sort5(m04, m13, m22, m31, m40)
+            high = _min(_min(m14, m23), _min(m32, m41))
+            out_row[x] = _med3(low, mid, high)
+        if any_nan:
+            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 5, full_ops, out_wire, queue, n_queued)
+    _flush_nan_windows(out, 5, full_ops, out_wire, queue, n_queued)
+
+
+# --- 3 x 3 -----------------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _median3(image, out, n_chunks, posinf, full_ops, out_wire):
+    ny = image.shape[0]
+    for chunk in numba.prange(n_chunks):
+        c = np.int64(chunk)
+        _rows3(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf, full_ops, out_wire)
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows3(image, out, y_start, y_stop, posinf, full_ops, out_wire):
+    ny, nx = image.shape
+    xr = np.empty(nx + 2, np.int64)
+    for p in range(nx + 2):
+        xr[p] = _reflect(p - 1, nx)
+    cols = np.empty((3, nx + 2), image.dtype)
+    nan_cols = np.empty(nx + 2, np.int32)
+    queue = _nan_queue(3, image)
+    n_queued = 0
+    for y in range(y_start, y_stop):
+        r0 = image[_reflect(y - 1, ny)]
+        r1 = image[y]
+        r2 = image[_reflect(y + 1, ny)]
+        any_nan = 0
+        for x in range(nx):
+            v0, v1, v2 = r0[x], r1[x], r2[x]
+            m = _nan(v0) + _nan(v1) + _nan(v2)
+            nan_cols[x + 1] = m
+            any_nan += m
+            s0, s1, s2 = _sort3(_clean(v0, posinf), _clean(v1, posinf), _clean(v2, posinf))
+            cols[0, x + 1] = s0
+            cols[1, x + 1] = s1
+            cols[2, x + 1] = s2
+        for p in (0, nx + 1):
+            for i in range(3):
+                cols[i, p] = cols[i, xr[p] + 1]
+            nan_cols[p] = nan_cols[xr[p] + 1]
+        out_row = out[y]
+        for x in range(nx):
+            high_of_low = _max(_max(cols[0, x], cols[0, x + 1]), cols[0, x + 2])
+            mid_of_mid = _med3(cols[1, x], cols[1, x + 1], cols[1, x + 2])
+            low_of_high = _min(_min(cols[2, x], cols[2, x + 1]), cols[2, x + 2])
+            out_row[x] = _med3(high_of_low, mid_of_mid, low_of_high)
+        if any_nan:
+            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 3, full_ops, out_wire, queue, n_queued)
+    _flush_nan_windows(out, 3, full_ops, out_wire, queue, n_queued)
+
+
+# --- any odd size ----------------------------------------------------------------------
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _median_network(image, out, n_chunks, posinf, size, column_ops, inputs, ops, full_ops, out_wire):
+    ny = image.shape[0]
+    for chunk in numba.prange(n_chunks):
+        c = np.int64(chunk)
+        _rows_network(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf, size, column_ops, inputs,
+                      ops, full_ops, out_wire)
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows_network(image, out, y_start, y_stop, posinf, size, column_ops, inputs, ops, full_ops, out_wire):
+    ny, nx = image.shape
+    r = size // 2
+    width = nx + 2 * r
+    xr = np.empty(width, np.int64)
+    for p in range(width):
+        xr[p] = _reflect(p - r, nx)
+    cols = np.empty((size, width), image.dtype)
+    nan_cols = np.empty(width, np.int32)
+    work = np.empty((size * size, _BLOCK), image.dtype)
+    queue = _nan_queue(size, image)
+    n_queued = 0
+    for y in range(y_start, y_stop):
+        nan_cols[:] = 0
+        for i in range(size):
+            row = image[_reflect(y - r + i, ny)]
+            level = cols[i]
+            for x in range(nx):
+                v = row[x]
+                nan_cols[x + r] += _nan(v)
+                level[x + r] = _clean(v, posinf)
+        for t in range(column_ops.shape[0]):
+            lo = cols[column_ops[t, 0]]
+            hi = cols[column_ops[t, 1]]
+            for x in range(r, r + nx):
+                lo[x], hi[x] = _ce(lo[x], hi[x])
+        for p in range(width):
+            if p < r or p >= r + nx:
+                for i in range(size):
+                    cols[i, p] = cols[i, xr[p] + r]
+                nan_cols[p] = nan_cols[xr[p] + r]
+        out_row = out[y]
+        for x0 in range(0, nx, _BLOCK):
+            n = min(_BLOCK, nx - x0)
+            for t in range(inputs.shape[0]):
+                dst = work[inputs[t, 0]]
+                src = cols[inputs[t, 1]]
+                j = x0 + inputs[t, 2]
+                for x in range(n):
+                    dst[x] = src[j + x]
+            _run_network(work, n, ops)
+            median = work[out_wire]
+            for x in range(n):
+                out_row[x0 + x] = median[x]
+        if nan_cols.any():
+            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, queue, n_queued)
+    _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued)
