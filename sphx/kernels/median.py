@@ -7,29 +7,40 @@ the image is mirrored about its edge, ``d c b a | a b c d | d c b a``), so that 
 image without NaN both give the same numbers, bit for bit. NaN pixels are left out of
 the windows they fall in, which scipy does not do.
 
-How sizes 3 and 5 are fast
---------------------------
-Each output row first sorts every column of ``size`` pixels once (a sorting network on
-whole rows, so LLVM vectorises it); the ``size`` horizontally adjacent windows that
-contain a column share that sort. With the columns of a window sorted, the median is a
-short, branch-free chain of minima and maxima (a selection network), also computed on
-whole rows at a time:
+How it is fast
+--------------
+Each output row first sorts every column of ``size`` pixels once (a sorting network
+applied to whole rows, so LLVM vectorises it); the ``size`` horizontally adjacent
+windows that contain a column share that sort. Then the median of each window is a
+fixed, branch-free chain of minima and maxima (a selection network), again vectorised
+along the row. Sorting the rows of a column-sorted window keeps its columns sorted, and
+then the value in row ``i``, column ``j`` (0-based) has at least ``(i + 1)(j + 1)``
+values of the window at or below it and ``(size - i)(size - j)`` at or above it, which
+rules out all but a few values as the median:
 
-* 3 x 3: sort the rows of the column-sorted window; the median is the median of the
-  anti-diagonal (the largest of the smallest row, the middle of the middle row, the
-  smallest of the largest row).
-* 5 x 5: sort the rows too, after which only the 13 pixels of anti-diagonals 3, 4 and 5
-  can be the median, and sorting those three anti-diagonals leaves it as the median of
-  (largest of anti-diagonal 3, median of anti-diagonal 4, smallest of anti-diagonal 5).
-  Minima and maxima commute with thresholding, so this was checked on every window of
-  zeros and ones with sorted columns (the 0-1 principle), which proves it for all
-  values; the tests repeat that check through :func:`median_filter`.
+* 3 x 3: the median is the median of the anti-diagonal (the largest of the smallest
+  row, the middle of the middle row, the smallest of the largest row).
+* 5 x 5: 13 values, on anti-diagonals 3, 4 and 5, are left, and the median is the
+  median of (the largest of anti-diagonal 3, the median of anti-diagonal 4, the
+  smallest of anti-diagonal 5).
+* other sizes: the values left are sorted by a network built for the size (Batcher's
+  odd-even merge sort, pruned to what the middle output needs), run wire by wire on
+  blocks of windows.
 
-NaN becomes +inf before the column sort and each column counts its NaNs, so a window
-with ``m`` NaN has its ``n = size**2 - m`` finite values first in every sorted column.
-Those few windows take their median by merging the sorted columns up to the middle
-rank. Other odd sizes gather each window's finite values and select the middle one
-(quickselect), which is exact but does not share work between windows.
+Minima and maxima commute with thresholds, so a selection network that is right on
+every window of zeros and ones is right on every window (the 0-1 principle); the tests
+check all 0-1 windows with sorted rows and columns for each path.
+
+NaN
+---
+NaN becomes +inf in the shared column sort (so the network never sees it) and the
+windows holding NaN are redone afterwards. A window with ``m`` NaN and ``n = size**2 -
+m`` finite values goes through the network twice, once with its NaN replaced by -inf,
++inf, -inf, ... and once by +inf, -inf, +inf, ...: the stand-ins pad the finite values
+evenly on both sides, so the median of all ``size**2`` values is the median of the
+finite ones; when ``n`` is even the two passes give the lower and the upper middle
+value, and the result is their mean. These windows are queued and run through the
+network in vectorised batches too.
 """
 
 from __future__ import annotations
@@ -88,11 +99,13 @@ def median_filter(image: np.ndarray, *, size: int = 5, out: np.ndarray | None = 
     elif not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != dtype:
         got = f"shape {out.shape} dtype {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ValueError(f"median_filter out must be an array of shape {image.shape} and dtype {dtype}, got {got}")
+    elif not out.flags.writeable:
+        raise ValueError("median_filter out is read-only")
     if image.size == 0:
         return out
     # Each output row reads ``size`` input rows, so writing into the image itself (or an
     # overlapping view) would feed already-filtered pixels to later rows: filter a copy.
-    if np.shares_memory(image, out):
+    if np.may_share_memory(image, out):
         image = image.copy()
     src = np.ascontiguousarray(image, dtype=dtype)
     dst = out if out.flags.c_contiguous else np.empty(image.shape, dtype)
@@ -103,9 +116,9 @@ def median_filter(image: np.ndarray, *, size: int = 5, out: np.ndarray | None = 
     else:
         column_ops, inputs, ops, full_ops, out_wire = _window_network(size)
         if size == 5:
-            _median5(src, dst, n_chunks, posinf, full_ops, out_wire)
+            _median5(src, dst, n_chunks, posinf)
         elif size == 3:
-            _median3(src, dst, n_chunks, posinf, full_ops, out_wire)
+            _median3(src, dst, n_chunks, posinf)
         else:
             _median_network(src, dst, n_chunks, posinf, size, column_ops, inputs, ops, full_ops, out_wire)
     if dst is not out:
@@ -137,9 +150,9 @@ _MIN, _MAX = 1, 2
 
 
 def _prune(pairs: list[tuple[int, int]], out_wire: int) -> np.ndarray:
-    """Keep only the minima and maxima ``out_wire`` depends on (backwards liveness), as
-    rows ``(a, b, what)``: the minimum goes to ``a`` if ``what & 1``, the maximum to ``b``
-    if ``what & 2``."""
+    """The compare-exchanges that ``out_wire`` depends on (backwards liveness), as rows
+    ``(a, b, what)``: the minimum goes to wire ``a`` if ``what & 1`` and the maximum to
+    wire ``b`` if ``what & 2``; an output never read again is not computed."""
     live = {out_wire}
     ops = []
     for a, b in reversed(pairs):
@@ -155,24 +168,22 @@ def _window_network(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     """Selection networks for the median of a ``size x size`` window.
 
     Wire ``i * size + j`` holds window row ``i``, column ``j``. Once the columns and then
-    the rows are sorted (sorting the rows keeps the columns sorted), the value at
-    ``(i, j)`` has at least ``(i + 1)(j + 1)`` values of the window at or below it and
-    ``(size - i)(size - j)`` at or above it. Only wires with both counts at most ``k + 1``
-    (``k = size**2 // 2``, the middle rank) can hold the median; the others split evenly
-    below and above it, so the median is the middle value of these candidates, which a
-    sorting network on them finds.
+    the rows are sorted, only the wires with ``(i + 1)(j + 1) <= k + 1`` and ``(size -
+    i)(size - j) <= k + 1`` (``k = size**2 // 2``, the middle rank) can hold the median;
+    the others split evenly below and above it, so the median is the middle value of
+    these candidates, which a sorting network on them finds.
 
     Returns
     -------
     column_ops : (n, 2) int64
         The sorting network of one column of ``size`` values.
     inputs : (m, 3) int64
-        ``(wire, i, j)``: the wires the window network reads, with the rank ``i`` in
-        sorted column ``j`` each starts from.
+        ``(wire, i, j)``: the wires the window network reads, each starting as the
+        ``i``-th smallest value of window column ``j``.
     ops : (q, 3) int64
         The window network on column-sorted wires, pruned as in :func:`_prune`.
     full_ops : (p, 3) int64
-        The same, with the column sorts in front: the median of a window of raw values.
+        The same with the column sorts in front: the median of a window of raw values.
     out_wire : int
         The wire that ends holding the median.
     """
@@ -184,22 +195,28 @@ def _window_network(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     select = [(cand[a], cand[b]) for a, b in _sorting_network(len(cand))]
     out_wire = cand[len(cand) // 2]
     ops = _prune(rows + select, out_wire)
-    live = sorted(set(ops[:, :2].ravel()) | {out_wire})
+    live = sorted(set(ops[:, :2].ravel().tolist()) | {out_wire})
     inputs = np.array([(w, w // size, w % size) for w in live], np.int64).reshape(-1, 3)
     columns = [(a * size + j, b * size + j) for j in range(size) for a, b in column]
     full_ops = _prune(columns + rows + select, out_wire)
     return np.array(column, np.int64).reshape(-1, 2), inputs, ops, full_ops, out_wire
 
 
-_BLOCK = 256  # windows per batch through a network: its wires stay in L1/L2 cache
+_BLOCK = 256  # windows per block through a general network: its wires stay in L2 cache
+# Windows holding NaN wait in a queue of this many (3 x 3 and 5 x 5; a compile-time
+# constant, so that the batched networks vectorise), or of this many bytes (other sizes).
+_QUEUE = 64
+_QUEUE_BYTES = 32768
 
 
-# --- shared numba pieces ---------------------------------------------------------------
+# --- scalar pieces ---------------------------------------------------------------------
 
 
 @numba.njit(nogil=True, cache=True)
 def _reflect(i, n):
     """Index ``i`` into a length-``n`` axis mirrored about its edges (half-sample)."""
+    if 0 <= i < n:
+        return i
     period = 2 * n
     i = i % period  # Python semantics: non-negative
     if i >= n:
@@ -207,29 +224,29 @@ def _reflect(i, n):
     return i
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _min(a, b):
+    # ``a < b`` selects compile to (vector) min and max instructions; NaN never gets here
     return a if a < b else b
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _max(a, b):
     return b if a < b else a
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _ce(a, b):
-    """Compare-exchange: ``(min, max)``. The ``a < b`` selects compile to (vector) min and
-    max instructions; NaN never gets here."""
+    """Compare-exchange: ``(min, max)``."""
     return _min(a, b), _max(a, b)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _med3(a, b, c):
     return _max(_min(a, b), _min(_max(a, b), c))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _sort3(a, b, c):
     a, b = _ce(a, b)
     b, c = _ce(b, c)
@@ -237,10 +254,10 @@ def _sort3(a, b, c):
     return a, b, c
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _sort5(a, b, c, d, e):
-    # A 9-comparator sorting network; callers use a few of its outputs and LLVM drops
-    # the comparisons the others needed.
+    # a 9-comparator sorting network; callers use a few of its outputs and LLVM drops
+    # the comparisons only the others needed
     a, b = _ce(a, b)
     d, e = _ce(d, e)
     c, e = _ce(c, e)
@@ -253,12 +270,38 @@ def _sort5(a, b, c, d, e):
     return a, b, c, d, e
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")  # so that LLVM vectorises the loops calling it
+def _median3_sorted(c, x, step):
+    """Median of the 3 x 3 window whose sorted columns are ``c[:, x + j * step]``."""
+    high_of_low = _max(_max(c[0, x], c[0, x + step]), c[0, x + 2 * step])
+    mid_of_mid = _med3(c[1, x], c[1, x + step], c[1, x + 2 * step])
+    low_of_high = _min(_min(c[2, x], c[2, x + step]), c[2, x + 2 * step])
+    return _med3(high_of_low, mid_of_mid, low_of_high)
+
+
+@numba.njit(inline="always")  # so that LLVM vectorises the loops calling it
+def _median5_sorted(c, x, step):
+    """Median of the 5 x 5 window whose sorted columns are ``c[:, x + j * step]``."""
+    x0, x1, x2, x3, x4 = x, x + step, x + 2 * step, x + 3 * step, x + 4 * step
+    # sort the rows: m{i}{j} is the j-th smallest of row i; only those on anti-diagonals
+    # 3-5 can be the median
+    _, _, _, m03, m04 = _sort5(c[0, x0], c[0, x1], c[0, x2], c[0, x3], c[0, x4])
+    _, _, m12, m13, m14 = _sort5(c[1, x0], c[1, x1], c[1, x2], c[1, x3], c[1, x4])
+    _, m21, m22, m23, _ = _sort5(c[2, x0], c[2, x1], c[2, x2], c[2, x3], c[2, x4])
+    m30, m31, m32, _, _ = _sort5(c[3, x0], c[3, x1], c[3, x2], c[3, x3], c[3, x4])
+    m40, m41, _, _, _ = _sort5(c[4, x0], c[4, x1], c[4, x2], c[4, x3], c[4, x4])
+    low = _max(_max(m03, m12), _max(m21, m30))
+    _, _, mid, _, _ = _sort5(m04, m13, m22, m31, m40)
+    high = _min(_min(m14, m23), _min(m32, m41))
+    return _med3(low, mid, high)
+
+
+@numba.njit(inline="always")
 def _clean(v, posinf):
     return v if v == v else posinf
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(inline="always")
 def _nan(v):
     return np.int32(v != v)
 
@@ -285,97 +328,145 @@ def _run_network(work, n, ops):
                 hi[x] = _max(lo[x], hi[x])
 
 
-@numba.njit(nogil=True, cache=True)
-def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, queue, n_queued):
-    """Queue the windows of output row ``y`` that hold NaN (the fast paths assumed none)
-    for :func:`_flush_nan_windows`, which runs when the queue is full; returns the new
-    queue length.
-
-    A window with ``m`` NaN and ``n = size**2 - m`` finite values goes through the
-    median network twice, once with its NaN replaced by -inf, +inf, -inf, ... and once by
-    +inf, -inf, +inf, ...: the fake values pad the finite ones evenly on both sides, so
-    the median of all ``size**2`` values is the median of the finite ones, the lower of
-    the two middle ones in the first pass and the upper in the second when ``n`` is even.
-
-    ``xr`` maps padded columns to image columns and ``nan_cols`` counts the NaN of each
-    padded column of the window rows.
-    """
-    work_a, work_b, where_y, where_x, n_nan = queue
-    ny = image.shape[0]
-    nx = out.shape[1]
-    r = size // 2
-    rows = np.empty(size, np.int64)
-    for i in range(size):
-        rows[i] = _reflect(y - r + i, ny)
-    count = 0
-    for j in range(size):
-        count += nan_cols[j]
-    for x in range(nx):
-        if x > 0:
-            count += nan_cols[x + size - 1] - nan_cols[x - 1]
-        if count == 0:
-            continue
-        t = n_queued
-        where_y[t] = y
-        where_x[t] = x
-        n_nan[t] = count
-        odd = False
-        for i in range(size):
-            for j in range(size):
-                v = image[rows[i], xr[x + j]]
-                if v == v:
-                    work_a[i * size + j, t] = v
-                    work_b[i * size + j, t] = v
-                else:
-                    work_a[i * size + j, t] = np.inf if odd else -np.inf
-                    work_b[i * size + j, t] = -np.inf if odd else np.inf
-                    odd = not odd
-        n_queued += 1
-        if n_queued == work_a.shape[1]:
-            _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued)
-            n_queued = 0
-    return n_queued
-
-
-@numba.njit(nogil=True, cache=True)
-def _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued):
-    """Take the median of the ``n_queued`` windows queued by :func:`_queue_nan_windows`."""
-    if n_queued == 0:
-        return
-    work_a, work_b, where_y, where_x, n_nan = queue
-    _run_network(work_a, n_queued, full_ops)
-    _run_network(work_b, n_queued, full_ops)
-    for t in range(n_queued):
-        if n_nan[t] == size * size:
-            value = np.nan
-        else:
-            lower = work_a[out_wire, t]
-            upper = work_b[out_wire, t]
-            value = lower if lower == upper else 0.5 * (np.float64(lower) + np.float64(upper))
-        out[where_y[t], where_x[t]] = value
+# --- windows holding NaN ---------------------------------------------------------------
 
 
 @numba.njit(nogil=True, cache=True)
 def _nan_queue(size, like):
-    """Scratch for :func:`_queue_nan_windows`: the two network inputs (wire x window, of
-    the dtype of ``like``) and the row, column and NaN count of each queued window."""
-    return (np.empty((size * size, _BLOCK), like.dtype), np.empty((size * size, _BLOCK), like.dtype),
-            np.empty(_BLOCK, np.int64), np.empty(_BLOCK, np.int64), np.empty(_BLOCK, np.int64))
+    """Scratch for :func:`_queue_nan_windows`: the two copies of the queued windows (wire
+    ``i * size + j`` x window, the dtype of ``like``), room for their two medians, and
+    their row, column and NaN count."""
+    n = _QUEUE if size <= 5 else max(16, _QUEUE_BYTES // (2 * size * size * like.itemsize))
+    return (np.empty((size * size, n), like.dtype), np.empty((size * size, n), like.dtype),
+            np.empty(n, like.dtype), np.empty(n, like.dtype),
+            np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64))
+
+
+@numba.njit(nogil=True, cache=True)
+def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, queue, n_queued):
+    """Queue the windows of output row ``y`` that hold NaN, for
+    :func:`_flush_nan_windows`, which runs whenever the queue is full; returns the new
+    queue length. Each window is queued twice, its NaN replaced by -inf, +inf, ... and by
+    +inf, -inf, ... (see the module docstring).
+
+    ``xr`` maps padded columns to image columns and ``nan_cols`` counts the NaN of each
+    padded column of the window rows.
+    """
+    work_a, work_b, _, _, where_y, where_x, n_nan = queue
+    capacity = where_y.size
+    ny, nx = image.shape
+    # flat arrays and unsigned offsets: numba then skips its negative-index wraparound,
+    # which otherwise costs more than the copy itself
+    flat = image.reshape(-1)
+    flat_a = work_a.reshape(-1)
+    flat_b = work_b.reshape(-1)
+    r = size // 2
+    base = np.empty(size, np.uint64)
+    for i in range(size):
+        base[i] = _reflect(y - r + i, ny) * nx
+    posinf = image.dtype.type(np.inf)
+    width = nan_cols.size
+    next_x = 0  # the windows left of this one are queued already
+    for block in range(0, width, 64):
+        # a row holds a handful of NaN: skip NaN-free stretches with a vector sum
+        stop = min(block + 64, width)
+        total = 0
+        for p in range(block, stop):
+            total += nan_cols[p]
+        if total == 0:
+            continue
+        for p in range(block, stop):
+            if nan_cols[p] == 0:
+                continue
+            # padded column p is in the windows x = p - size + 1 .. p
+            for x in range(max(next_x, p - size + 1), min(nx, p + 1)):
+                t = n_queued
+                count = 0
+                stand_in = -posinf  # for the next NaN in work_a; work_b gets -stand_in
+                for j in range(size):
+                    col = np.uint64(xr[x + j])
+                    count += nan_cols[x + j]
+                    for i in range(size):
+                        v = flat[base[i] + col]
+                        o = np.uint64((i * size + j) * capacity + t)
+                        nan = v != v
+                        flat_a[o] = stand_in if nan else v
+                        flat_b[o] = -stand_in if nan else v
+                        stand_in = -stand_in if nan else stand_in
+                where_y[t] = y
+                where_x[t] = x
+                n_nan[t] = count
+                n_queued += 1
+                if n_queued == capacity:
+                    _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued)
+                    n_queued = 0
+            next_x = max(next_x, min(nx, p + 1))
+    return n_queued
+
+
+@numba.njit(nogil=True, cache=True)
+def _queued_median5(work, n, result):
+    """Median of the first ``n`` queued 5 x 5 windows (wire x window, ``_QUEUE`` windows)."""
+    # viewed as (5, 5 * _QUEUE), window t's column j sits at j * _QUEUE + t
+    c = work.reshape(5, 5 * _QUEUE)
+    for j in range(5):
+        for t in range(j * _QUEUE, j * _QUEUE + n):
+            c[0, t], c[1, t], c[2, t], c[3, t], c[4, t] = _sort5(c[0, t], c[1, t], c[2, t], c[3, t], c[4, t])
+    for t in range(n):
+        result[t] = _median5_sorted(c, t, _QUEUE)
+
+
+@numba.njit(nogil=True, cache=True)
+def _queued_median3(work, n, result):
+    """Median of the first ``n`` queued 3 x 3 windows (wire x window, ``_QUEUE`` windows)."""
+    c = work.reshape(3, 3 * _QUEUE)
+    for j in range(3):
+        for t in range(j * _QUEUE, j * _QUEUE + n):
+            c[0, t], c[1, t], c[2, t] = _sort3(c[0, t], c[1, t], c[2, t])
+    for t in range(n):
+        result[t] = _median3_sorted(c, t, _QUEUE)
+
+
+@numba.njit(nogil=True, cache=True)
+def _flush_nan_windows(out, size, full_ops, out_wire, queue, n):
+    """Write the median of the ``n`` windows queued by :func:`_queue_nan_windows`."""
+    if n == 0:
+        return
+    work_a, work_b, lower, upper, where_y, where_x, n_nan = queue
+    if size == 5:
+        _queued_median5(work_a, n, lower)
+        _queued_median5(work_b, n, upper)
+    elif size == 3:
+        _queued_median3(work_a, n, lower)
+        _queued_median3(work_b, n, upper)
+    else:
+        _run_network(work_a, n, full_ops)
+        _run_network(work_b, n, full_ops)
+        lower[:n] = work_a[out_wire, :n]
+        upper[:n] = work_b[out_wire, :n]
+    for t in range(n):
+        if n_nan[t] == size * size:
+            value = np.nan
+        elif lower[t] == upper[t]:
+            value = lower[t]
+        else:
+            value = 0.5 * (np.float64(lower[t]) + np.float64(upper[t]))
+        out[where_y[t], where_x[t]] = value
 
 
 # --- 5 x 5 -----------------------------------------------------------------------------
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _median5(image, out, n_chunks, posinf, full_ops, out_wire):
+def _median5(image, out, n_chunks, posinf):
     ny = image.shape[0]
     for chunk in numba.prange(n_chunks):
         c = np.int64(chunk)  # prange indices may be unsigned; keep the row arithmetic integer
-        _rows5(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf, full_ops, out_wire)
+        _rows5(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf)
 
 
 @numba.njit(nogil=True, cache=True)
-def _rows5(image, out, y_start, y_stop, posinf, full_ops, out_wire):
+def _rows5(image, out, y_start, y_stop, posinf):
     ny, nx = image.shape
     xr = np.empty(nx + 4, np.int64)
     for p in range(nx + 4):
@@ -384,6 +475,7 @@ def _rows5(image, out, y_start, y_stop, posinf, full_ops, out_wire):
     cols = np.empty((5, nx + 4), image.dtype)
     nan_cols = np.empty(nx + 4, np.int32)
     queue = _nan_queue(5, image)
+    no_ops = np.empty((0, 3), np.int64)
     n_queued = 0
     for y in range(y_start, y_stop):
         r0 = image[_reflect(y - 2, ny)]
@@ -410,38 +502,25 @@ def _rows5(image, out, y_start, y_stop, posinf, full_ops, out_wire):
             nan_cols[p] = nan_cols[xr[p] + 2]
         out_row = out[y]
         for x in range(nx):
-            # sort the window rows: m{i}{j} is the j-th smallest of row i; only those on
-            # anti-diagonals 3-5 can be the median
-            _, _, _, m03, m04 = _sort5(cols[0, x], cols[0, x + 1], cols[0, x + 2], cols[0, x + 3], cols[0, x + 4])
-            _, _, m12, m13, m14 = _sort5(cols[1, x], cols[1, x + 1], cols[1, x + 2], cols[1, x + 3],
-                                         cols[1, x + 4])
-            _, m21, m22, m23, _ = _sort5(cols[2, x], cols[2, x + 1], cols[2, x + 2], cols[2, x + 3],
-                                         cols[2, x + 4])
-            m30, m31, m32, _, _ = _sort5(cols[3, x], cols[3, x + 1], cols[3, x + 2], cols[3, x + 3],
-                                         cols[3, x + 4])
-            m40, m41, _, _, _ = _sort5(cols[4, x], cols[4, x + 1], cols[4, x + 2], cols[4, x + 3], cols[4, x + 4])
-            low = _max(_max(m03, m12), _max(m21, m30))
-            _, _, mid, _, _ = _sort5(m04, m13, m22, m31, m40)
-            high = _min(_min(m14, m23), _min(m32, m41))
-            out_row[x] = _med3(low, mid, high)
+            out_row[x] = _median5_sorted(cols, x, 1)
         if any_nan:
-            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 5, full_ops, out_wire, queue, n_queued)
-    _flush_nan_windows(out, 5, full_ops, out_wire, queue, n_queued)
+            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 5, no_ops, 0, queue, n_queued)
+    _flush_nan_windows(out, 5, no_ops, 0, queue, n_queued)
 
 
 # --- 3 x 3 -----------------------------------------------------------------------------
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _median3(image, out, n_chunks, posinf, full_ops, out_wire):
+def _median3(image, out, n_chunks, posinf):
     ny = image.shape[0]
     for chunk in numba.prange(n_chunks):
         c = np.int64(chunk)
-        _rows3(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf, full_ops, out_wire)
+        _rows3(image, out, c * ny // n_chunks, (c + 1) * ny // n_chunks, posinf)
 
 
 @numba.njit(nogil=True, cache=True)
-def _rows3(image, out, y_start, y_stop, posinf, full_ops, out_wire):
+def _rows3(image, out, y_start, y_stop, posinf):
     ny, nx = image.shape
     xr = np.empty(nx + 2, np.int64)
     for p in range(nx + 2):
@@ -449,6 +528,7 @@ def _rows3(image, out, y_start, y_stop, posinf, full_ops, out_wire):
     cols = np.empty((3, nx + 2), image.dtype)
     nan_cols = np.empty(nx + 2, np.int32)
     queue = _nan_queue(3, image)
+    no_ops = np.empty((0, 3), np.int64)
     n_queued = 0
     for y in range(y_start, y_stop):
         r0 = image[_reflect(y - 1, ny)]
@@ -470,13 +550,10 @@ def _rows3(image, out, y_start, y_stop, posinf, full_ops, out_wire):
             nan_cols[p] = nan_cols[xr[p] + 1]
         out_row = out[y]
         for x in range(nx):
-            high_of_low = _max(_max(cols[0, x], cols[0, x + 1]), cols[0, x + 2])
-            mid_of_mid = _med3(cols[1, x], cols[1, x + 1], cols[1, x + 2])
-            low_of_high = _min(_min(cols[2, x], cols[2, x + 1]), cols[2, x + 2])
-            out_row[x] = _med3(high_of_low, mid_of_mid, low_of_high)
+            out_row[x] = _median3_sorted(cols, x, 1)
         if any_nan:
-            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 3, full_ops, out_wire, queue, n_queued)
-    _flush_nan_windows(out, 3, full_ops, out_wire, queue, n_queued)
+            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 3, no_ops, 0, queue, n_queued)
+    _flush_nan_windows(out, 3, no_ops, 0, queue, n_queued)
 
 
 # --- any odd size ----------------------------------------------------------------------
@@ -517,7 +594,10 @@ def _rows_network(image, out, y_start, y_stop, posinf, size, column_ops, inputs,
             lo = cols[column_ops[t, 0]]
             hi = cols[column_ops[t, 1]]
             for x in range(r, r + nx):
-                lo[x], hi[x] = _ce(lo[x], hi[x])
+                a = lo[x]
+                b = hi[x]
+                lo[x] = _min(a, b)
+                hi[x] = _max(a, b)
         for p in range(width):
             if p < r or p >= r + nx:
                 for i in range(size):
