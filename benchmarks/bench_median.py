@@ -5,14 +5,15 @@ faster than ``scipy.ndimage.median_filter`` on a 2040x2040 float32 image on 2 co
 The image is sky-like: a smooth background with Gaussian noise and a few hundred stars.
 scipy's result is undefined where a window holds NaN, so scipy is timed on the finite
 image and sphx on both the finite image and a copy with 0.1 % NaN pixels (the windows
-holding a NaN take sphx's slower exact path). Each time is the best of ``--repeats``
+holding a NaN take sphx's slower path; ``--nan-fraction`` changes their number). Each time is the best of ``--repeats``
 runs, after one untimed run that compiles or loads the numba kernels.
 
-    python benchmarks/bench_median.py [--size 5] [--repeats 10] [--check]
+    python benchmarks/bench_median.py [--size 5] [--repeats 10] [--nan-fraction 0.001] [--check]
 
-``--check`` exits with status 1 when sphx is less than 20x faster than scipy on either
-image, or when the results differ from scipy (finite image; NaN-free windows of the
-image with NaN) or from ``np.nanmedian`` (a sample of the windows holding NaN).
+``--check`` exits with status 1 when the results differ from scipy (finite image;
+NaN-free windows of the image with NaN) or from ``np.nanmedian`` (a sample of the
+windows holding NaN), or, for the 5x5 window, when sphx is less than 20x faster than
+scipy on either image.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--shape", type=int, default=2040, help="image side [pixels] (default 2040)")
     parser.add_argument("--repeats", type=int, default=10, help="sphx runs per timing (default 10)")
     parser.add_argument("--scipy-repeats", type=int, default=3, help="scipy runs (default 3)")
+    parser.add_argument("--nan-fraction", type=float, default=0.001,
+                        help="fraction of NaN pixels in the second image (default 0.001)")
     parser.add_argument("--check", action="store_true",
                         help=f"exit 1 if sphx is under {REQUIRED_SPEEDUP:.0f}x scipy or disagrees")
     args = parser.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
     rng = np.random.default_rng(7)
     image = sky_image((args.shape, args.shape), rng)
     with_nan = image.copy()
-    with_nan[rng.random(image.shape) < 0.001] = np.nan
+    with_nan[rng.random(image.shape) < args.nan_fraction] = np.nan
     n_nan = int(np.isnan(with_nan).sum())
 
     median_filter(image[:64, :64], size=size)  # compile, or load the numba cache
@@ -102,15 +105,19 @@ def main() -> None:
     print(f"  scipy.ndimage.median_filter, finite image : {t_scipy * 1e3:9.1f} ms  (best of {args.scipy_repeats})")
     print(f"  sphx median_filter, finite image          : {t_finite * 1e3:9.2f} ms  (best of {args.repeats})"
           f"  -> {ratio_finite:6.1f}x")
-    print(f"  sphx median_filter, {n_nan} NaN ({n_nan / image.size:.2%})  : {t_nan * 1e3:9.2f} ms  "
+    print(f"  sphx median_filter, {n_nan} NaN ({n_nan / image.size:.2%})    : {t_nan * 1e3:9.2f} ms  "
           f"(best of {args.repeats})  -> {ratio_nan:6.1f}x  ({int(touched.sum())} windows hold NaN)")
     print(f"  max |sphx - scipy|, finite image          : {diff_finite:g}")
     print(f"  max |sphx - scipy|, NaN image, NaN-free windows : {diff_clean:g}")
     print(f"  max |sphx - np.nanmedian|, {len(sample)} windows with NaN : {diff_nan:g} "
           f"({nan_mismatch} NaN mismatches)")
-    ok = min(ratio_finite, ratio_nan) >= REQUIRED_SPEEDUP and diff_finite == 0 and diff_clean == 0 \
-        and diff_nan == 0 and nan_mismatch == 0
-    print(f"required: >= {REQUIRED_SPEEDUP:.0f}x faster and identical results -> {'OK' if ok else 'FAILED'}")
+    agree = diff_finite == 0 and diff_clean == 0 and diff_nan == 0 and nan_mismatch == 0
+    if size == 5:
+        ok = agree and min(ratio_finite, ratio_nan) >= REQUIRED_SPEEDUP
+        print(f"required: >= {REQUIRED_SPEEDUP:.0f}x faster and identical results -> {'OK' if ok else 'FAILED'}")
+    else:
+        ok = agree
+        print(f"required: identical results (the speed budget is for 5x5) -> {'OK' if ok else 'FAILED'}")
     if args.check and not ok:
         sys.exit(1)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from sphx.kernels.median import _sorting_network, median_filter
+from sphx.kernels.median import _sorting_network, _window_network, median_filter
 
 
 def brute_nanmedian(image: np.ndarray, size: int) -> np.ndarray:
@@ -96,6 +96,44 @@ def test_every_sorted_window_of_zeros_and_ones(size):
     assert len(blocks) == {3: 20, 5: 252, 7: 3432, 9: 48620}[size]
 
 
+def _apply(ops: np.ndarray, wires: np.ndarray) -> None:
+    for a, b, what in ops:
+        low, high = wires[a] & wires[b], wires[a] | wires[b]
+        if what & 1:
+            wires[a] = low
+        if what & 2:
+            wires[b] = high
+
+
+@pytest.mark.parametrize("size", [3, 5, 7, 9, 11])
+def test_window_network_selects_the_median(size):
+    # the networks of the general path, on 0-1 windows (one wire a row, one window a
+    # column): every staircase (sorted rows and columns) up to 9 x 9, and random windows
+    column_ops, inputs, ops, full_ops, out_wire = _window_network(size)
+    n = size * size
+    rng = np.random.default_rng(size)
+    random = rng.random((n, 20000)) < rng.uniform(0.3, 0.7, 20000)
+    sets = [random]
+    if size <= 9:
+        ones = np.array(list(itertools.combinations_with_replacement(range(size + 1), size)))
+        sets.append((np.arange(size)[None, None, :] >= size - ones[:, :, None]).reshape(len(ones), n).T.copy())
+    for windows in sets:
+        expected = windows.sum(axis=0) > n // 2
+        raw = windows.copy()
+        _apply(full_ops, raw)
+        np.testing.assert_array_equal(raw[out_wire], expected)
+        # the window network proper starts from sorted columns, read through ``inputs``
+        sorted_columns = np.sort(windows.reshape(size, size, -1), axis=0)
+        wires = np.zeros_like(windows)
+        for wire, i, j in inputs:
+            wires[wire] = sorted_columns[i, j]
+        _apply(ops, wires)
+        np.testing.assert_array_equal(wires[out_wire], expected)
+    assert len(column_ops) == len(_sorting_network(size))
+    assert len(full_ops) == size * len(column_ops) + len(ops)  # every column sort is needed
+    assert (ops[:, 2] != 3).sum() >= size  # pruning left one-sided compare-exchanges
+
+
 @pytest.mark.parametrize("n", [2, 3, 5, 7, 9, 12])
 def test_sorting_network_sorts_every_zero_one_input(n):
     values = np.array(list(itertools.product([False, True], repeat=n))).T.copy()
@@ -129,6 +167,20 @@ def test_nan_pixels_are_ignored(size, dtype):
         assert (even & ~np.isnan(expected)).sum() > 100
 
 
+@pytest.mark.parametrize("size", [3, 5, 7])
+def test_few_nan_in_a_wide_image(size):
+    # NaN-free stretches of a row are skipped 64 padded columns at a time: put NaN on
+    # both sides of those block edges, at the image edges and in a run of its own
+    image = np.random.default_rng(size).normal(size=(40, 300)).astype(np.float32)
+    for y, x in [(0, 0), (5, 60), (5, 61), (9, 62), (20, 63), (21, 64), (22, 65), (30, 126), (30, 127),
+                 (39, 299), (12, 200), (13, 200), (14, 200)]:
+        image[y, x] = np.nan
+    image[25, 150:230] = np.nan  # more windows in one row than the queue holds
+    result = median_filter(image, size=size)
+    np.testing.assert_array_equal(result, brute_nanmedian(image, size))
+    np.testing.assert_array_equal(result[35:38, 70:120], ndi.median_filter(image, size=size)[35:38, 70:120])
+
+
 def test_even_count_takes_mean_of_middle_values():
     image = np.full((5, 5), np.nan, np.float32)
     image[1, 1], image[2, 3], image[3, 2], image[4, 4] = 1.0, 2.0, 4.0, 100.0
@@ -154,7 +206,7 @@ def test_out_argument_and_in_place():
     np.testing.assert_array_equal(copy, expected)
 
 
-def test_non_contiguous_and_foreign_byte_order_input():
+def test_non_contiguous_read_only_and_foreign_byte_order_input():
     image = np.random.default_rng(2).normal(size=(30, 40))
     expected = ndi.median_filter(image.T, size=5)
     np.testing.assert_array_equal(median_filter(image.T, size=5), expected)
@@ -162,6 +214,10 @@ def test_non_contiguous_and_foreign_byte_order_input():
     result = median_filter(swapped, size=5)
     assert result.dtype == np.float64 and result.dtype.isnative
     np.testing.assert_array_equal(result, expected)
+    frozen = image.astype(np.float32)
+    frozen[3, 3] = np.nan
+    frozen.flags.writeable = False  # as dask and xarray often hand them over
+    np.testing.assert_array_equal(median_filter(frozen, size=5), brute_nanmedian(frozen, 5))
 
 
 def test_bad_arguments_raise():
@@ -177,4 +233,8 @@ def test_bad_arguments_raise():
         median_filter(image, out=np.zeros((8, 8), np.float64))
     with pytest.raises(ValueError, match=r"\(8, 8\)"):
         median_filter(image, out=np.zeros((8, 9), np.float32))
+    frozen = np.zeros((8, 8), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        median_filter(image, out=frozen)
     assert median_filter(np.zeros((0, 5), np.float32)).shape == (0, 5)

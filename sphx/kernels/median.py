@@ -103,24 +103,25 @@ def median_filter(image: np.ndarray, *, size: int = 5, out: np.ndarray | None = 
         raise ValueError("median_filter out is read-only")
     if image.size == 0:
         return out
+    src = np.ascontiguousarray(image, dtype=dtype)
     # Each output row reads ``size`` input rows, so writing into the image itself (or an
     # overlapping view) would feed already-filtered pixels to later rows: filter a copy.
-    if np.may_share_memory(image, out):
-        image = image.copy()
-    src = np.ascontiguousarray(image, dtype=dtype)
+    if np.may_share_memory(src, out):
+        src = src.copy()
+    # numba compiles read-only and writeable arrays apart: always hand it a read-only view
+    src = src.view()
+    src.flags.writeable = False
     dst = out if out.flags.c_contiguous else np.empty(image.shape, dtype)
-    n_chunks = min(src.shape[0], 4 * numba.get_num_threads())
+    n_chunks = min(src.shape[0], 4 * numba.get_num_threads())  # row chunks, a few per thread
     posinf = dtype.type(np.inf)
     if size == 1:
         dst[...] = src
+    elif size == 3:
+        _median3(src, dst, n_chunks, posinf)
+    elif size == 5:
+        _median5(src, dst, n_chunks, posinf)
     else:
-        column_ops, inputs, ops, full_ops, out_wire = _window_network(size)
-        if size == 5:
-            _median5(src, dst, n_chunks, posinf)
-        elif size == 3:
-            _median3(src, dst, n_chunks, posinf)
-        else:
-            _median_network(src, dst, n_chunks, posinf, size, column_ops, inputs, ops, full_ops, out_wire)
+        _median_network(src, dst, n_chunks, posinf, size, *_window_network(size))
     if dst is not out:
         out[...] = dst
     return out
@@ -224,49 +225,51 @@ def _reflect(i, n):
     return i
 
 
+# The helpers below are inlined by numba itself: LLVM may leave calls to them in the
+# row loops, which then do not vectorise. The compare-exchanges are written out rather
+# than calling a shared one, as every nested inlining adds to the compile time.
+
+
 @numba.njit(inline="always")
 def _min(a, b):
-    # ``a < b`` selects compile to (vector) min and max instructions; NaN never gets here
-    return a if a < b else b
+    # an ``a < b`` select is exactly an x86 (v)minps; NaN never gets here
+    return a if a < b else b  # noqa: FURB136
 
 
 @numba.njit(inline="always")
 def _max(a, b):
-    return b if a < b else a
-
-
-@numba.njit(inline="always")
-def _ce(a, b):
-    """Compare-exchange: ``(min, max)``."""
-    return _min(a, b), _max(a, b)
+    return b if a < b else a  # noqa: FURB136
 
 
 @numba.njit(inline="always")
 def _med3(a, b, c):
-    return _max(_min(a, b), _min(_max(a, b), c))
+    a, b = (a, b) if a < b else (b, a)
+    b, c = (b, c) if b < c else (c, b)
+    a, b = (a, b) if a < b else (b, a)
+    return b
 
 
 @numba.njit(inline="always")
 def _sort3(a, b, c):
-    a, b = _ce(a, b)
-    b, c = _ce(b, c)
-    a, b = _ce(a, b)
+    a, b = (a, b) if a < b else (b, a)
+    b, c = (b, c) if b < c else (c, b)
+    a, b = (a, b) if a < b else (b, a)
     return a, b, c
 
 
 @numba.njit(inline="always")
 def _sort5(a, b, c, d, e):
-    # a 9-comparator sorting network; callers use a few of its outputs and LLVM drops
+    # a 9-comparator sorting network: callers use a few of its outputs and LLVM drops
     # the comparisons only the others needed
-    a, b = _ce(a, b)
-    d, e = _ce(d, e)
-    c, e = _ce(c, e)
-    c, d = _ce(c, d)
-    a, d = _ce(a, d)
-    a, c = _ce(a, c)
-    b, e = _ce(b, e)
-    b, d = _ce(b, d)
-    b, c = _ce(b, c)
+    a, b = (a, b) if a < b else (b, a)
+    d, e = (d, e) if d < e else (e, d)
+    c, e = (c, e) if c < e else (e, c)
+    c, d = (c, d) if c < d else (d, c)
+    a, d = (a, d) if a < d else (d, a)
+    a, c = (a, c) if a < c else (c, a)
+    b, e = (b, e) if b < e else (e, b)
+    b, d = (b, d) if b < d else (d, b)
+    b, c = (b, c) if b < c else (c, b)
     return a, b, c, d, e
 
 
@@ -296,14 +299,14 @@ def _median5_sorted(c, x, step):
     return _med3(low, mid, high)
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, cache=True)
 def _clean(v, posinf):
-    return v if v == v else posinf
+    return v if v == v else posinf  # noqa: PLR0124 (NaN test; np.isnan stops LLVM vectorising)
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, cache=True)
 def _nan(v):
-    return np.int32(v != v)
+    return np.int32(v != v)  # noqa: PLR0124
 
 
 @numba.njit(nogil=True, cache=True)
@@ -335,7 +338,7 @@ def _run_network(work, n, ops):
 def _nan_queue(size, like):
     """Scratch for :func:`_queue_nan_windows`: the two copies of the queued windows (wire
     ``i * size + j`` x window, the dtype of ``like``), room for their two medians, and
-    their row, column and NaN count."""
+    their row, column and NaN count. Its length is ``_QUEUE`` for sizes 3 and 5."""
     n = _QUEUE if size <= 5 else max(16, _QUEUE_BYTES // (2 * size * size * like.itemsize))
     return (np.empty((size * size, n), like.dtype), np.empty((size * size, n), like.dtype),
             np.empty(n, like.dtype), np.empty(n, like.dtype),
@@ -343,14 +346,14 @@ def _nan_queue(size, like):
 
 
 @numba.njit(nogil=True, cache=True)
-def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, queue, n_queued):
-    """Queue the windows of output row ``y`` that hold NaN, for
-    :func:`_flush_nan_windows`, which runs whenever the queue is full; returns the new
-    queue length. Each window is queued twice, its NaN replaced by -inf, +inf, ... and by
-    +inf, -inf, ... (see the module docstring).
+def _queue_nan_windows(image, y, xr, nan_cols, size, queue, n_queued, start):
+    """Queue the windows ``x >= start`` of output row ``y`` that hold NaN, until the
+    queue is full or the row done; returns the queue length and the window to start
+    from next time, -1 when the row is done.
 
-    ``xr`` maps padded columns to image columns and ``nan_cols`` counts the NaN of each
-    padded column of the window rows.
+    Each window is queued twice, its NaN replaced by -inf, +inf, ... and by +inf, -inf,
+    ... (see the module docstring). ``xr`` maps padded columns to image columns and
+    ``nan_cols`` counts the NaN of each padded column of the window rows.
     """
     work_a, work_b, _, _, where_y, where_x, n_nan = queue
     capacity = where_y.size
@@ -366,19 +369,19 @@ def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, qu
         base[i] = _reflect(y - r + i, ny) * nx
     posinf = image.dtype.type(np.inf)
     width = nan_cols.size
-    next_x = 0  # the windows left of this one are queued already
-    for block in range(0, width, 64):
-        # a row holds a handful of NaN: skip NaN-free stretches with a vector sum
-        stop = min(block + 64, width)
-        total = 0
-        for p in range(block, stop):
-            total += nan_cols[p]
-        if total == 0:
-            continue
-        for p in range(block, stop):
-            if nan_cols[p] == 0:
+    next_x = start  # the windows left of this one are queued already
+    p = start  # window x holds padded columns x .. x + size - 1
+    while p < width:
+        if p % 64 == 0:
+            # a row holds a handful of NaN: skip NaN-free stretches with a vector sum
+            stop = min(p + 64, width)
+            total = 0
+            for q in range(p, stop):
+                total += nan_cols[q]
+            if total == 0:
+                p = stop
                 continue
-            # padded column p is in the windows x = p - size + 1 .. p
+        if nan_cols[p]:
             for x in range(max(next_x, p - size + 1), min(nx, p + 1)):
                 t = n_queued
                 count = 0
@@ -389,7 +392,7 @@ def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, qu
                     for i in range(size):
                         v = flat[base[i] + col]
                         o = np.uint64((i * size + j) * capacity + t)
-                        nan = v != v
+                        nan = v != v  # noqa: PLR0124
                         flat_a[o] = stand_in if nan else v
                         flat_b[o] = -stand_in if nan else v
                         stand_in = -stand_in if nan else stand_in
@@ -398,10 +401,34 @@ def _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, qu
                 n_nan[t] = count
                 n_queued += 1
                 if n_queued == capacity:
-                    _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued)
-                    n_queued = 0
+                    return n_queued, x + 1
             next_x = max(next_x, min(nx, p + 1))
-    return n_queued
+        p += 1
+    return n_queued, -1
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_nan_windows(out, size, queue, n):
+    """Write the median of the ``n`` queued windows, from the medians of their two
+    copies (the two middle values when their number of finite values is even)."""
+    _, _, lower, upper, where_y, where_x, n_nan = queue
+    for t in range(n):
+        if n_nan[t] == size * size:
+            value = np.nan
+        elif lower[t] == upper[t]:
+            value = lower[t]
+        else:
+            value = 0.5 * (np.float64(lower[t]) + np.float64(upper[t]))
+        out[where_y[t], where_x[t]] = value
+
+
+@numba.njit(nogil=True, cache=True)
+def _flush5(out, queue, n):
+    """Take the median of the ``n`` queued 5 x 5 windows."""
+    work_a, work_b, lower, upper, _, _, _ = queue
+    _queued_median5(work_a, n, lower)
+    _queued_median5(work_b, n, upper)
+    _write_nan_windows(out, 5, queue, n)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -417,6 +444,15 @@ def _queued_median5(work, n, result):
 
 
 @numba.njit(nogil=True, cache=True)
+def _flush3(out, queue, n):
+    """Take the median of the ``n`` queued 3 x 3 windows."""
+    work_a, work_b, lower, upper, _, _, _ = queue
+    _queued_median3(work_a, n, lower)
+    _queued_median3(work_b, n, upper)
+    _write_nan_windows(out, 3, queue, n)
+
+
+@numba.njit(nogil=True, cache=True)
 def _queued_median3(work, n, result):
     """Median of the first ``n`` queued 3 x 3 windows (wire x window, ``_QUEUE`` windows)."""
     c = work.reshape(3, 3 * _QUEUE)
@@ -428,30 +464,14 @@ def _queued_median3(work, n, result):
 
 
 @numba.njit(nogil=True, cache=True)
-def _flush_nan_windows(out, size, full_ops, out_wire, queue, n):
-    """Write the median of the ``n`` windows queued by :func:`_queue_nan_windows`."""
-    if n == 0:
-        return
-    work_a, work_b, lower, upper, where_y, where_x, n_nan = queue
-    if size == 5:
-        _queued_median5(work_a, n, lower)
-        _queued_median5(work_b, n, upper)
-    elif size == 3:
-        _queued_median3(work_a, n, lower)
-        _queued_median3(work_b, n, upper)
-    else:
-        _run_network(work_a, n, full_ops)
-        _run_network(work_b, n, full_ops)
-        lower[:n] = work_a[out_wire, :n]
-        upper[:n] = work_b[out_wire, :n]
-    for t in range(n):
-        if n_nan[t] == size * size:
-            value = np.nan
-        elif lower[t] == upper[t]:
-            value = lower[t]
-        else:
-            value = 0.5 * (np.float64(lower[t]) + np.float64(upper[t]))
-        out[where_y[t], where_x[t]] = value
+def _flush_network(out, size, full_ops, out_wire, queue, n):
+    """Take the median of the ``n`` queued ``size x size`` windows."""
+    work_a, work_b, lower, upper, _, _, _ = queue
+    _run_network(work_a, n, full_ops)
+    _run_network(work_b, n, full_ops)
+    lower[:n] = work_a[out_wire, :n]
+    upper[:n] = work_b[out_wire, :n]
+    _write_nan_windows(out, size, queue, n)
 
 
 # --- 5 x 5 -----------------------------------------------------------------------------
@@ -475,8 +495,7 @@ def _rows5(image, out, y_start, y_stop, posinf):
     cols = np.empty((5, nx + 4), image.dtype)
     nan_cols = np.empty(nx + 4, np.int32)
     queue = _nan_queue(5, image)
-    no_ops = np.empty((0, 3), np.int64)
-    n_queued = 0
+    n_queued = np.int64(0)  # not a literal: one compiled flush, not two
     for y in range(y_start, y_stop):
         r0 = image[_reflect(y - 2, ny)]
         r1 = image[_reflect(y - 1, ny)]
@@ -503,9 +522,13 @@ def _rows5(image, out, y_start, y_stop, posinf):
         out_row = out[y]
         for x in range(nx):
             out_row[x] = _median5_sorted(cols, x, 1)
-        if any_nan:
-            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 5, no_ops, 0, queue, n_queued)
-    _flush_nan_windows(out, 5, no_ops, 0, queue, n_queued)
+        start = 0 if any_nan else -1
+        while start >= 0:
+            n_queued, start = _queue_nan_windows(image, y, xr, nan_cols, 5, queue, n_queued, start)
+            if n_queued == _QUEUE:
+                _flush5(out, queue, n_queued)
+                n_queued = np.int64(0)
+    _flush5(out, queue, n_queued)
 
 
 # --- 3 x 3 -----------------------------------------------------------------------------
@@ -528,8 +551,7 @@ def _rows3(image, out, y_start, y_stop, posinf):
     cols = np.empty((3, nx + 2), image.dtype)
     nan_cols = np.empty(nx + 2, np.int32)
     queue = _nan_queue(3, image)
-    no_ops = np.empty((0, 3), np.int64)
-    n_queued = 0
+    n_queued = np.int64(0)  # not a literal: one compiled flush, not two
     for y in range(y_start, y_stop):
         r0 = image[_reflect(y - 1, ny)]
         r1 = image[y]
@@ -551,9 +573,13 @@ def _rows3(image, out, y_start, y_stop, posinf):
         out_row = out[y]
         for x in range(nx):
             out_row[x] = _median3_sorted(cols, x, 1)
-        if any_nan:
-            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, 3, no_ops, 0, queue, n_queued)
-    _flush_nan_windows(out, 3, no_ops, 0, queue, n_queued)
+        start = 0 if any_nan else -1
+        while start >= 0:
+            n_queued, start = _queue_nan_windows(image, y, xr, nan_cols, 3, queue, n_queued, start)
+            if n_queued == _QUEUE:
+                _flush3(out, queue, n_queued)
+                n_queued = np.int64(0)
+    _flush3(out, queue, n_queued)
 
 
 # --- any odd size ----------------------------------------------------------------------
@@ -580,7 +606,8 @@ def _rows_network(image, out, y_start, y_stop, posinf, size, column_ops, inputs,
     nan_cols = np.empty(width, np.int32)
     work = np.empty((size * size, _BLOCK), image.dtype)
     queue = _nan_queue(size, image)
-    n_queued = 0
+    capacity = queue[4].size
+    n_queued = np.int64(0)  # not a literal: one compiled flush, not two
     for y in range(y_start, y_stop):
         nan_cols[:] = 0
         for i in range(size):
@@ -616,6 +643,10 @@ def _rows_network(image, out, y_start, y_stop, posinf, size, column_ops, inputs,
             median = work[out_wire]
             for x in range(n):
                 out_row[x0 + x] = median[x]
-        if nan_cols.any():
-            n_queued = _queue_nan_windows(image, out, y, xr, nan_cols, size, full_ops, out_wire, queue, n_queued)
-    _flush_nan_windows(out, size, full_ops, out_wire, queue, n_queued)
+        start = 0 if nan_cols.any() else -1
+        while start >= 0:
+            n_queued, start = _queue_nan_windows(image, y, xr, nan_cols, size, queue, n_queued, start)
+            if n_queued == capacity:
+                _flush_network(out, size, full_ops, out_wire, queue, n_queued)
+                n_queued = np.int64(0)
+    _flush_network(out, size, full_ops, out_wire, queue, n_queued)
