@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+import pydantic
 
 __all__ = [
+    "FlagNames",
     "DEFAULT_BAD",
     "FLAG_DTYPE",
     "REGISTRY",
@@ -200,3 +202,16 @@ def cf_attrs() -> dict[str, Any]:
         "flag_bits": [f.bit for f in REGISTRY],
         "flag_descriptions": [f.description for f in REGISTRY],
     }
+
+
+def _known_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    for n in names:
+        try:
+            flag_info(n)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+    return tuple(n.upper() for n in names)
+
+
+FlagNames = Annotated[tuple[str, ...], pydantic.AfterValidator(_known_names)]
+"""Flag names in a step configuration, checked against the registry and upper-cased."""

@@ -34,20 +34,10 @@ STATISTICS = {
 class ImageStatisticsConfig(StepConfig):
     """Which pixels count as good."""
 
-    bad: tuple[str, ...] = pydantic.Field(
+    bad: _flags.FlagNames = pydantic.Field(
         default=tuple(_flags.describe(_flags.DEFAULT_BAD)),
         description="FLAGS bits that exclude a pixel from the statistics",
     )
-
-    @pydantic.field_validator("bad")
-    @classmethod
-    def _known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        for n in names:
-            try:
-                _flags.flag_info(n)
-            except KeyError as e:
-                raise ValueError(e.args[0]) from None
-        return tuple(n.upper() for n in names)
 
 
 @register_step(

@@ -71,20 +71,10 @@ class PreampConfig(StepConfig):
     degree: int = pydantic.Field(1, ge=0, le=5, description="degree of the offset polynomial in the row")
     clip: float = pydantic.Field(5.0, gt=0, description="clipping threshold [robust standard deviations]")
     clip_rounds: int = pydantic.Field(2, ge=0, le=10, description="rounds of clipping and refitting")
-    bad: tuple[str, ...] = pydantic.Field(
+    bad: _flags.FlagNames = pydantic.Field(
         default=("TRANSIENT", "OVERFLOW", "SUR_ERROR", "NONFUNC", "MISSING_DATA", "HOT"),
         description="FLAGS bits that exclude a reference pixel from the fit",
     )
-
-    @pydantic.field_validator("bad")
-    @classmethod
-    def _known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        for n in names:
-            try:
-                _flags.flag_info(n)
-            except KeyError as e:
-                raise ValueError(e.args[0]) from None
-        return tuple(n.upper() for n in names)
 
 
 def normalised_row(y: np.ndarray, instrument: Instrument) -> np.ndarray:

@@ -97,7 +97,7 @@ SUR_VARIABLES: dict[str, tuple[str, str | None]] = {
 class SurConfig(StepConfig):
     """Which full-sample pixels count, and the limits of the checks."""
 
-    exclude: tuple[str, ...] = pydantic.Field(
+    exclude: _flags.FlagNames = pydantic.Field(
         default=("TRANSIENT", "OVERFLOW", "SUR_ERROR"),
         description="FLAGS bits that exclude a full-sample pixel from the statistics",
     )
@@ -109,16 +109,6 @@ class SurConfig(StepConfig):
         1.5, gt=1, description="sur_read_noise must lie within expected_read_noise divided or multiplied by this")
     max_slope_pull: float = pydantic.Field(1.0, gt=0, description="largest |sur_slope_pull| that passes")
     max_drift_sigma: float = pydantic.Field(5.0, gt=0, description="largest |sur_drift| / sur_drift_error that passes")
-
-    @pydantic.field_validator("exclude")
-    @classmethod
-    def _known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        for n in names:
-            try:
-                _flags.flag_info(n)
-            except KeyError as e:
-                raise ValueError(e.args[0]) from None
-        return tuple(n.upper() for n in names)
 
 
 def _median_variance_factor(m: int) -> float:

@@ -36,7 +36,7 @@ class OutlierConfig(StepConfig):
     size: int = pydantic.Field(5, ge=3, description="median box side [pixel], odd")
     nsigma: float = pydantic.Field(5.0, gt=0, description="flag above this many sigma")
     two_sided: bool = pydantic.Field(False, description="also flag pixels far below the median")
-    exclude: tuple[str, ...] = pydantic.Field(_EXCLUDED, description="flags left out of the median")
+    exclude: _flags.FlagNames = pydantic.Field(_EXCLUDED, description="flags left out of the median")
 
     @pydantic.field_validator("size")
     @classmethod

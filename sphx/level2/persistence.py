@@ -13,7 +13,7 @@ can start as soon as its link is done.
   kept in the cube so that it can be inspected; PERSIST is set where it exceeds
   ``threshold`` (the header's PSTHRESH, 0.1 electron/s).
 - The state after the cube's last exposure is returned as ``TRAP_STATE`` (band, trap,
-  y, x) [electron] with ``state_mjd_end`` and ``state_obsid`` (band): a runner stores it
+  state_y, state_x) [electron] with ``state_mjd_end`` and ``state_obsid`` (band): a runner stores it
   (repository state ``persistence``) and the next batch continues from it, giving the same
   result as processing both batches at once.
 - The charge filling the traps is the exposure's current times its integration time,
