@@ -5,9 +5,10 @@ faster than chaining the usual peer tools. A survey of ``--exposures`` exposures
 ``--bands`` is simulated into a temporary repository; then, in one run:
 
 - sphx: the whole ``recipes/l1-l2.yaml`` graph, from the raw level to Level 2 (every
-  module, the persistence scan and data quality included, no writing), computed with
+  module, the persistence scan and data quality included, no writing), persisted with
   dask's threaded scheduler on 2 workers; time per image = wall time / images;
-- the peer chain on the same images, one at a time: numpy for the pixel arithmetic
+- the peer chain on the same images, one at a time, reading them and the calibration
+  maps (once per band) from the same repository: numpy for the pixel arithmetic
   (gains, reference offsets, a cubic linearity polynomial, variance, persistence
   exponentials, masks, calibration), ``scipy.ndimage.median_filter`` for the outlier
   median, the zodi model on the same node grid with ``scipy.interpolate.RectBivariateSpline``
@@ -37,6 +38,10 @@ from sphx.simulate import simulate_survey
 from sphx.simulate.survey import equatorial_to_ecliptic
 from sphx.wcs import cube_wcs
 from sphx.zodi import earth_position, zodi_brightness
+
+PEER_CALIBRATIONS = {"gain_factors": ["GAIN"], "nonlinear_pars": ["Q_nl", "b1", "b2", "b3"],
+                     "readnoise_pars": ["READNOISE"], "persistence_pars": ["TRAP_TAU"], "nonfunc": ["NONFUNC"],
+                     "dark": ["DARK"], "abs_gain_matrix": ["ABS_GAIN"], "spectral_wcs": ["CWAVE"]}
 
 
 def build(repo, ds):
@@ -118,19 +123,22 @@ def main() -> None:
             out, calib = build(repo, raw)
             graph = time.perf_counter() - t0
             t0 = time.perf_counter()
-            dask.compute(out["IMAGE"], out["FLAGS"], out["VARIANCE"], out["ZODI"], out["l2dqa_pass"])
+            # persist: the images stay in memory as computed, one block each, as a level
+            # write would take them (compute would also concatenate them into one array)
+            dask.persist(out["IMAGE"], out["FLAGS"], out["VARIANCE"], out["ZODI"], out["l2dqa_pass"])
             ours = (time.perf_counter() - t0) / n_images
         print(f"sphx: graph built in {graph:.2f} s; {ours:.3f} s of compute per image on 2 cores "
               f"(budget 0.5 s) -> {'OK' if ours <= 0.5 else 'OVER BUDGET'}")
 
-        cal = {k: v.load() for k, v in calib.items()}
-        lvl = out  # WCS from coarse astrometry, as the pipeline has it
-        raw_img, phantom = raw["IMAGE"].values, raw["PHANTOM"].values
+        # The peer reads its inputs from the same repository inside the timing, as sphx
+        # does: each calibration map once per band, the raw image once.
         t0 = time.perf_counter()
-        for i, b in enumerate(raw["band"].values):
+        for b in raw["band"].values:
+            cal = {k: calib[k][names].sel(band=[b]).load() for k, names in PEER_CALIBRATIONS.items()}
             for j, o in enumerate(raw["obs"].values):
-                peer_image(raw_img[i, j], phantom[i, j], cal, int(b), cube_wcs(lvl, band=int(b), obs=int(o)),
-                           float(raw["mjd_avg"].values[j]), inst)
+                image = raw.sel(band=b, obs=o)
+                peer_image(image["IMAGE"].values, image["PHANTOM"].values, cal, int(b),
+                           cube_wcs(out, band=int(b), obs=int(o)), float(raw["mjd_avg"].values[j]), inst)
         peer = (time.perf_counter() - t0) / n_images
         print(f"peer chain (numpy + scipy.ndimage.median_filter + scipy spline zodi): {peer:.3f} s per image")
         print(f"ratio peer / sphx: {peer / ours:.1f}x (target about 7x)")

@@ -30,12 +30,12 @@ import numpy as np
 import pydantic
 
 __all__ = [
-    "FlagNames",
     "DEFAULT_BAD",
     "FLAG_DTYPE",
     "REGISTRY",
     "Flag",
     "FlagInfo",
+    "FlagNames",
     "cf_attrs",
     "clear_flag",
     "counts",

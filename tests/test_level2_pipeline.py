@@ -113,6 +113,18 @@ def test_level1_records_quality_and_reobservation(processed):
         & (l2["saa_distance"].values > 0)[None, :]
     np.testing.assert_array_equal(l2["l2dqa_pass"].values, expected)
     assert int(l2["flag_count"].sel(flag="SOURCE").sum()) > 0
+    # the per-image counts against numpy
+    f = l2["FLAGS"].values
+    nb = (f & np.uint32(F.mask("NONFUNC", "HOT", "COLD", "DICHROIC", "MISSING_DATA"))) == 0
+    for name, bit in (("n_tran_nb", "TRANSIENT"), ("n_pers_nb", "PERSIST")):
+        np.testing.assert_array_equal(l2[name].values, (((f & np.uint32(F.Flag[bit])) != 0) & nb).sum((-2, -1)))
+    assert int(l2["n_pers_nb"].sum()) > 0
+    functional = (f & np.uint32(F.Flag.NONFUNC)) == 0
+    calibrated = np.isfinite(l2["IMAGE"].values) & (l2["VARIANCE"].values > 0)
+    tests = list(l2["dqa_test"].values)
+    np.testing.assert_array_equal(l2["l2dqa_tests"].values[..., tests.index("calibration")],
+                                  (functional & ~calibrated).sum((-2, -1)) == 0)
+    assert (l2["l2dqa_tests"].values[..., tests.index("zodi")] == 1).all()
     assert state_versions(processed) == [1]
 
 

@@ -15,6 +15,8 @@ from sphx.errors import CalibrationError, ConfigError, StepError
 from sphx.kernels.ramp import slope_variance
 from sphx.level2.source_mask import (
     PROFILE_STEP,
+    _catalog,
+    _pixels_at_epoch,
     create_source_mask,
     interpolate_flux,
     pixel_solid_angle,
@@ -258,6 +260,25 @@ def test_proper_motion_moves_the_disc(single, calib, bright):
     unknown = _table(bright["ra"], bright["dec"], 1e5, pmdec=np.nan, ref_epoch=np.nan)
     c = create_source_mask(single, calib=calib, tables={"refcat": unknown}).compute()
     np.testing.assert_array_equal(_hit(c), _hit(b))
+
+
+def test_catalogue_projection_matches_astropy(single):
+    # the numba TAN-SIP projection (Newton inversion of the distortion) against astropy's
+    # all_pix2world, over the detector and beyond its edge
+    wcs = cube_wcs(single, band=1, obs=int(single["obs"][0]))
+    assert wcs.sip is not None
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(-40, 296, 500), rng.uniform(-40, 296, 500)
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    cat = _catalog({"refcat": _table(ra, dec, 1.0, ref_epoch=2000.0)})
+    sip = [np.asarray(getattr(wcs.sip, k), dtype=np.float64) for k in ("a", "b", "ap", "bp")]
+    px, py = _pixels_at_epoch(cat, np.arange(x.size), 2000.0, wcs.wcs.crval, np.linalg.inv(wcs.wcs.get_pc()),
+                              wcs.wcs.crpix, *sip)
+    assert np.abs(px - x).max() < 1e-5 and np.abs(py - y).max() < 1e-5
+    # the far hemisphere has no pixel
+    far = _catalog({"refcat": _table(wcs.wcs.crval[0] + 180.0, -wcs.wcs.crval[1], 1.0)})
+    assert np.isnan(_pixels_at_epoch(far, np.arange(1), 2000.0, wcs.wcs.crval, np.eye(2), wcs.wcs.crpix,
+                                     *sip)[0]).all()
 
 
 def test_flux_interpolation_is_exact_for_power_laws():

@@ -45,7 +45,6 @@ import numpy as np
 import xarray as xr
 import zarr
 from dask.callbacks import Callback
-from zarr.codecs import BloscCodec
 
 from .. import flags as _flags
 from .._progress import Progress, ProgressSpec
@@ -62,6 +61,7 @@ from ..errors import (
 from ..instrument import Instrument
 from ..levels import get_level, same_unit
 from ..validate import validate_cube
+from .codecs import compressors_for
 from .location import Location
 from .provenance import make_record, utc_now, write_record
 
@@ -514,8 +514,7 @@ class LevelStore:
             fill = _fill(var.dtype, str(name))
             enc: dict[str, Any] = {}
             if var.dtype.kind not in "OTU":
-                shuffle = "bitshuffle" if var.dtype.kind in "iub" else "shuffle"
-                enc["compressors"] = (BloscCodec(cname="lz4", clevel=5, shuffle=shuffle),)
+                enc["compressors"] = compressors_for(var.dtype)
             if name != "band" and name not in cube.indexes and var.dtype.kind != "f":
                 enc["fill_value"] = fill
             if kind == "image" or (kind == "static" and var.dims[:1] == ("band",) and "y" in var.dims):

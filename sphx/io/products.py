@@ -17,6 +17,7 @@ import dask
 import xarray as xr
 
 from ..errors import CalibrationNotFoundError
+from .codecs import compressors_for
 from .location import Location
 from .provenance import make_record, write_record
 
@@ -82,8 +83,14 @@ class ProductStore:
         version = max(complete, default=0) + 1
         out = ds.copy()
         out.attrs = {**ds.attrs, "sphx_product": name, "sphx_version": version}
-        for var in out.variables.values():
+        for key, var in list(out.variables.items()):
             var.encoding = {}
+            if var.ndim >= 2 and var.dtype.kind in "iufb":
+                # one chunk per band: readers take a band's whole map at once
+                chunks = tuple(1 if d == "band" else s for d, s in zip(var.dims, var.shape, strict=True))
+                if var.chunks is not None:
+                    out[key] = var.chunk(dict(zip(var.dims, chunks, strict=True)))
+                out.variables[key].encoding = {"chunks": chunks, "compressors": compressors_for(var.dtype)}
         self.loc.makedirs(self.kind, name)
         delayed = out.to_zarr(self.loc.zarr_store(*self.path(name, version)), mode="w-", consolidated=False,
                               zarr_format=3, compute=False)

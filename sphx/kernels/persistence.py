@@ -24,33 +24,42 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["capture", "release"]
+__all__ = ["capture", "expose", "release"]
+
+
+@numba.njit(inline="always")
+def _release_pixel(state, out, y, x, keep_gap, keep_exp):
+    """Steps 1-2 for one pixel: ``out`` gets the state after them; returns the charge released."""
+    total = 0.0
+    for k in range(state.shape[0]):
+        n = state[k, y, x] * keep_gap[k]
+        emitted = n * (1.0 - keep_exp[k])
+        out[k, y, x] = n - emitted
+        total += emitted
+    return total
+
+
+@numba.njit(inline="always")
+def _capture_pixel(state, y, x, q, fractions, density):
+    """Step 3 for one pixel with collected charge ``q`` > 0."""
+    for k in range(state.shape[0]):
+        state[k, y, x] = max(state[k, y, x], fractions[k] * density * q)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _release(state, keep_gap, keep_exp, exposure, out):
-    k_n, ny, nx = state.shape
-    for y in numba.prange(ny):
-        for x in range(nx):
-            total = 0.0
-            for k in range(k_n):
-                n = state[k, y, x] * keep_gap[k]
-                emitted = n * (1.0 - keep_exp[k])
-                state[k, y, x] = n - emitted
-                total += emitted
-            out[y, x] = total / exposure
+    for y in numba.prange(state.shape[1]):
+        for x in range(state.shape[2]):
+            out[y, x] = _release_pixel(state, state, y, x, keep_gap, keep_exp) / exposure
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _capture(state, fluence, fractions, density):
-    k_n, ny, nx = state.shape
-    for y in numba.prange(ny):
-        for x in range(nx):
+    for y in numba.prange(state.shape[1]):
+        for x in range(state.shape[2]):
             q = fluence[y, x]
-            if not q > 0.0:  # also skips NaN
-                continue
-            for k in range(k_n):
-                state[k, y, x] = max(state[k, y, x], fractions[k] * density[y, x] * q)
+            if q > 0.0:  # not NaN
+                _capture_pixel(state, y, x, q, fractions, density[y, x])
 
 
 def release(state: np.ndarray, *, gap: float, exposure: float, taus: np.ndarray) -> np.ndarray:
@@ -96,3 +105,67 @@ def capture(state: np.ndarray, fluence: np.ndarray, *, fractions: np.ndarray, de
     """
     _capture(state, np.asarray(fluence, dtype=state.dtype), np.asarray(fractions, dtype=np.float64),
              np.asarray(density, dtype=state.dtype))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _exposure(state, rate, flags, density, saturation, keep_gap, keep_exp, exposure, fractions, saturated_bits,
+              threshold, persist_bit, new_state, current, new_flags):
+    t = np.float32(exposure)
+    for y in numba.prange(state.shape[1]):
+        for x in range(state.shape[2]):
+            c = np.float32(_release_pixel(state, new_state, y, x, keep_gap, keep_exp) / exposure)
+            current[y, x] = c
+            f = flags[y, x]
+            new_flags[y, x] = f | persist_bit if c > threshold else f
+            a = rate[y, x]
+            if np.isfinite(a):
+                q = min(np.float32(a * t), saturation[y, x])
+            elif f & saturated_bits:
+                q = saturation[y, x]
+            else:
+                continue
+            if q > 0.0:
+                _capture_pixel(new_state, y, x, q, fractions, density[y, x])
+
+
+def expose(state: np.ndarray, rate: np.ndarray, flags: np.ndarray, *, density: np.ndarray, saturation: np.ndarray,
+           gap: float, exposure: float, taus: np.ndarray, fractions: np.ndarray, saturated_bits: int,
+           threshold: float, persist_bit: int,
+           out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One exposure of the scan in one pass: :func:`release`, flagging, :func:`capture`.
+
+    Parameters
+    ----------
+    state
+        Trapped charge before the gap, (K, ny, nx) float32 [electron]; not modified.
+    rate, flags
+        The exposure's measured current [electron / s] and FLAGS, (ny, nx).
+    density, saturation
+        Relative trap density and the fluence that fills the traps [electron], (ny, nx).
+    saturated_bits
+        FLAGS bits of pixels without a slope that overflowed: they collected
+        ``saturation``.
+    threshold, persist_bit
+        ``persist_bit`` is set where the persistent current exceeds ``threshold``
+        [electron / s].
+
+    out
+        Arrays (views allowed) to write the results to, as returned.
+
+    Returns
+    -------
+    new_state, current, new_flags
+        The state after the exposure, the persistent current during it [electron / s]
+        and the flags with ``persist_bit`` added. The same numbers as :func:`release`
+        then :func:`capture` on a float32 state, with a float32 fluence.
+    """
+    if gap < 0:
+        raise ValueError(f"exposures must be in time order: gap of {gap} s before this one")
+    taus = np.asarray(taus, dtype=np.float64)
+    if out is None:
+        out = (np.empty(state.shape, np.float32), np.empty(rate.shape, np.float32), np.empty(flags.shape, flags.dtype))
+    new_state, current, new_flags = out
+    _exposure(state, rate, flags, density, saturation, np.exp(-gap / taus), np.exp(-exposure / taus), float(exposure),
+              np.asarray(fractions, dtype=np.float64), flags.dtype.type(saturated_bits), np.float32(threshold),
+              flags.dtype.type(persist_bit), new_state, current, new_flags)
+    return new_state, current, new_flags

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .select import median
+
 __all__ = ["image_statistics", "image_statistics_stack"]
 
 _ROBUST = 1.482602218505602  # MAD to standard deviation for a normal distribution
@@ -16,7 +18,7 @@ _BIT_OF = np.array([0, 1, 28, 2, 29, 14, 24, 3, 30, 22, 20, 15, 25, 17, 4, 8,
 
 
 @numba.njit(nogil=True, cache=True)
-def image_statistics(image, flags, bad, bits):
+def image_statistics(image, flags, bad, bits, without):
     """Statistics of one image.
 
     Parameters
@@ -27,68 +29,68 @@ def image_statistics(image, flags, bad, bits):
         Pixels with any of these bits (or not finite) are excluded from the statistics.
     bits : (nbits,) int64 array
         Bit numbers to count.
+    without : uint32
+        For ``counts_without``: only pixels carrying none of these bits count.
 
     Returns
     -------
-    npix, mean, median, robust_std, minimum, maximum, counts
+    npix, mean, median, robust_std, minimum, maximum, counts, counts_without
         ``robust_std`` is 1.4826 x the median absolute deviation; NaN when no pixel is
-        good. ``counts[k]`` is the number of pixels carrying bit ``bits[k]``.
+        good. ``counts[k]`` is the number of pixels carrying bit ``bits[k]``,
+        ``counts_without[k]`` the number of those that carry none of ``without``.
     """
-    ny, nx = image.shape
-    good = np.empty(ny * nx, image.dtype)
+    good = np.empty(image.size, image.dtype)
+    per_bit = np.zeros(32, np.int64)
+    per_bit_without = np.zeros(32, np.int64)
     n = 0
     total = 0.0
-    for i in range(ny):
-        for j in range(nx):
-            v = image[i, j]
-            if (flags[i, j] & bad) == 0 and np.isfinite(v):
+    lo, hi = np.inf, -np.inf
+    # one pass over the pixels: the good values, their sum and range, and the flag bits
+    for i in range(image.shape[0]):
+        for j in range(image.shape[1]):
+            v, f = image[i, j], flags[i, j]
+            if (f & bad) == 0 and np.isfinite(v):
                 good[n] = v
                 n += 1
                 total += v
-    per_bit = _bit_counts(flags)
+                lo, hi = min(lo, v), max(hi, v)
+            if f:
+                _count_bits(per_bit, f)
+                if (f & without) == 0:
+                    _count_bits(per_bit_without, f)
     counts = np.empty(bits.size, np.int64)
+    counts_without = np.empty(bits.size, np.int64)
     for k in range(bits.size):
         counts[k] = per_bit[bits[k]]
+        counts_without[k] = per_bit_without[bits[k]]
     if n == 0:
-        return 0, np.nan, np.nan, np.nan, np.nan, np.nan, counts
+        return 0, np.nan, np.nan, np.nan, np.nan, np.nan, counts, counts_without
     vals = good[:n]
-    med = _median(vals)
-    # Deviations stay in the image dtype: float64 would double the second partition's cost.
-    mad = _median(np.abs(vals - vals.dtype.type(med)))
-    return n, total / n, med, _ROBUST * mad, np.float64(vals.min()), np.float64(vals.max()), counts
+    med = median(vals)
+    # deviations stay in the image dtype (radix selection on float32), overwriting the values
+    centre = vals.dtype.type(med)
+    for k in range(n):
+        vals[k] = abs(vals[k] - centre)
+    mad = median(vals)
+    return n, total / n, med, _ROBUST * mad, np.float64(lo), np.float64(hi), counts, counts_without
 
 
-@numba.njit(nogil=True, cache=True)
-def _bit_counts(flags):
-    per_bit = np.zeros(32, np.int64)
-    for f0 in flags.ravel():
-        f = np.uint64(f0)
-        while f:
-            low = f & (~f + np.uint64(1))
-            per_bit[_BIT_OF[((low * _DEBRUIJN) >> np.uint64(27)) & np.uint64(31)]] += 1
-            f ^= low
-    return per_bit
+@numba.njit(inline="always")
+def _count_bits(per_bit, f0):
+    f = np.uint64(f0)
+    while f:
+        low = f & (~f + np.uint64(1))
+        per_bit[_BIT_OF[((low * _DEBRUIJN) >> np.uint64(27)) & np.uint64(31)]] += 1
+        f ^= low
 
 
-@numba.njit(nogil=True, cache=True)
-def _median(a):
-    n = a.size
-    k = n // 2
-    part = np.partition(a, k)
-    if n % 2:
-        return np.float64(part[k])
-    return 0.5 * (np.float64(part[k]) + np.float64(np.max(part[:k])))
-
-
-def image_statistics_stack(image: np.ndarray, flags: np.ndarray, *, bad: int, bits: np.ndarray):
+def image_statistics_stack(image: np.ndarray, flags: np.ndarray, *, bad: int, bits: np.ndarray, without: int = 0):
     """:func:`image_statistics` over the leading dimensions of ``(..., ny, nx)`` stacks."""
     lead = image.shape[:-2]
     out = [np.empty(lead, np.int64)] + [np.empty(lead, np.float64) for _ in range(5)]
-    counts = np.empty((*lead, bits.size), np.int64)
-    bad = np.uint32(bad)
+    out += [np.empty((*lead, bits.size), np.int64) for _ in range(2)]
     for idx in np.ndindex(*lead):
-        res = image_statistics(image[idx], flags[idx], bad, bits)
-        for k in range(6):
-            out[k][idx] = res[k]
-        counts[idx] = res[6]
-    return (*out, counts)
+        res = image_statistics(image[idx], flags[idx], np.uint32(bad), bits, np.uint32(without))
+        for o, r in zip(out, res, strict=True):
+            o[idx] = r
+    return tuple(out)

@@ -46,6 +46,7 @@ import pydantic
 import xarray as xr
 
 from .. import flags as _flags
+from ..blocks import apply_blocks, stack_images
 from ..errors import StepError
 from ..instrument import Instrument
 from ..levels import ELECTRON_RATE, same_unit
@@ -301,18 +302,12 @@ def _correct_stack(image: np.ndarray, flags: np.ndarray, column_channel: np.ndar
     lead = image.shape[:-2]
     column_channel = np.broadcast_to(column_channel, (*lead, column_channel.shape[-1]))
     ph = np.broadcast_to(phantom[0], (*lead, *phantom[0].shape[-3:])) if phantom else None
-    out_image = np.empty_like(image)
-    out_flags = np.empty_like(flags)
-    coef = np.empty((*lead, n_channels, degree + 1))
-    out_ph = np.empty(ph.shape, ph.dtype) if ph is not None else None
-    for idx in np.ndindex(*lead):
-        res = correct_preamp_image(
-            image[idx], flags[idx], None if ph is None else ph[idx], column_channel[idx], reference_rows,
-            reference_columns, u, n_channels=n_channels, degree=degree, clip=clip, clip_rounds=clip_rounds, bad=bad)
-        out_image[idx], out_flags[idx], coef[idx] = res[0], res[1], res[3]
-        if out_ph is not None:
-            out_ph[idx] = res[2]
-    return (out_image, out_flags, coef) if out_ph is None else (out_image, out_flags, coef, out_ph)
+    results = [correct_preamp_image(
+        image[idx], flags[idx], None if ph is None else ph[idx], column_channel[idx], reference_rows,
+        reference_columns, u, n_channels=n_channels, degree=degree, clip=clip, clip_rounds=clip_rounds, bad=bad)
+        for idx in np.ndindex(*lead)]
+    out = tuple(stack_images([r[k] for r in results], lead) for k in (0, 1, 3))
+    return out if ph is None else (*out, stack_images([r[2] for r in results], lead))
 
 
 def _check_frame(ds: xr.Dataset, instrument: Instrument) -> None:
@@ -408,7 +403,7 @@ def correct_preamplifier(
     sizes = {"preamp_coef": config.degree + 1}
     if not has_phantom:
         sizes["readout_channel"] = nch
-    results = xr.apply_ufunc(
+    results = apply_blocks(
         _correct_stack,
         *args,
         kwargs={
@@ -420,9 +415,8 @@ def correct_preamplifier(
         },
         input_core_dims=core_in,
         output_core_dims=core_out,
-        dask="parallelized",
         output_dtypes=dtypes,
-        dask_gufunc_kwargs={"output_sizes": sizes},
+        output_sizes=sizes,
     )
     out = ds.drop_vars(["preamp_offset", "preamp_coef"], errors="ignore")
     out["IMAGE"] = results[0].transpose(*ds["IMAGE"].dims).assign_attrs(ds["IMAGE"].attrs)

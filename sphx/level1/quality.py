@@ -16,10 +16,9 @@ import pyarrow as pa
 import pydantic
 import xarray as xr
 
-from .. import flags as _flags
 from ..instrument import Instrument
-from ..pipeline.step import StepConfig, register_step
-from ..quality import STATISTICS, ImageStatisticsConfig, image_statistics
+from ..pipeline.step import register_step
+from ..quality import STATISTICS, ImageStatisticsConfig, add_statistics
 
 __all__ = ["Level1QualityConfig", "assess_level1_quality", "reobservation_table", "transient_limit"]
 
@@ -29,7 +28,7 @@ REAL_PIXELS = 2040 * 2040
 
 def transient_limit(instrument: Instrument, limit: int | None = None) -> int:
     """The re-observation trigger in TRANSIENT pixels for ``instrument`` (scaled by area)."""
-    return int(limit) if limit is not None else int(round(REAL_TRANSIENT_LIMIT * instrument.n_active**2 / REAL_PIXELS))
+    return int(limit) if limit is not None else round(REAL_TRANSIENT_LIMIT * instrument.n_active**2 / REAL_PIXELS)
 
 
 class Level1QualityConfig(ImageStatisticsConfig):
@@ -64,8 +63,7 @@ def assess_level1_quality(
     ds: xr.Dataset, *, calib: dict[str, xr.Dataset], config: Level1QualityConfig, instrument: Instrument
 ) -> xr.Dataset:
     """Image statistics, L1DQAFLG and the re-observation trigger of every image (lazy)."""
-    out = image_statistics.step.func(ds, calib=calib, config=ImageStatisticsConfig(bad=config.bad),
-                                     instrument=instrument)
+    out = add_statistics(ds, bad=config.bad, instrument=instrument)[0]
     limit = transient_limit(instrument, config.transient_limit)
     out["n_transient"] = out["flag_count"].sel(flag="TRANSIENT", drop=True).assign_attrs(
         long_name="number of pixels flagged TRANSIENT (L2 N_TRANSIENT)")

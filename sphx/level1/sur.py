@@ -69,6 +69,7 @@ import pydantic
 import xarray as xr
 
 from .. import flags as _flags
+from ..blocks import apply_blocks
 from ..errors import CalibrationError, StepError
 from ..instrument import Instrument
 from ..kernels.ramp import ols_weights, slope_variance
@@ -371,7 +372,7 @@ def validate_sur(
         small = {k: v.chunk(blocks) for k, v in small.items()}
         pixel_gain = pixel_gain.chunk(blocks)
 
-    results = xr.apply_ufunc(
+    results = apply_blocks(
         sur_statistics_stack,
         image, flags, small["reads"], small["iy"], small["ix"], pixel_gain,
         kwargs={
@@ -383,7 +384,6 @@ def validate_sur(
         },
         input_core_dims=[["y", "x"], ["y", "x"], ["pix", "frame"], ["pix"], ["pix"], ["pix"]],
         output_core_dims=[[]] * 8,
-        dask="parallelized",
         output_dtypes=[np.int64] * 3 + [np.float64] * 5,
     )
     values = dict(zip(list(SUR_VARIABLES)[:8], results, strict=True))

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .. import flags as _flags
+from ..blocks import apply_blocks
 from ..calibration import product_for
 from ..instrument import Instrument
 from ..kernels.nonlinearity import true_rate
@@ -72,13 +73,13 @@ def correct_nonlinearity(
     """Replace IMAGE by the linearised current and flag NONLINEAR pixels (lazy)."""
     pars = product_for("nonlinear_pars", calib["nonlinear_pars"], ds, instrument=instrument)
     pars = pars.rename(y="ay", x="ax").drop_vars(["ay", "ax"])
-    image, flags = xr.apply_ufunc(
+    image, flags = apply_blocks(
         nonlinearity_kernel, ds["IMAGE"], ds["FLAGS"], *(pars[p] for p in _PARAMETERS),
         input_core_dims=[["y", "x"]] * 2 + [["ay", "ax"]] * len(_PARAMETERS),
         output_core_dims=[["y", "x"]] * 2,
         kwargs={"active": active_slice(ds, instrument), "first": instrument.n_discarded_frames,
                 "last": instrument.n_frames - 1, "frame_time": instrument.frame_time},
-        dask="parallelized", output_dtypes=[np.float32, _flags.FLAG_DTYPE],
+        output_dtypes=[np.float32, _flags.FLAG_DTYPE],
     )
     out = ds.copy()
     out["IMAGE"] = image.astype(np.float32).transpose(*ds["IMAGE"].dims).assign_attrs(ds["IMAGE"].attrs)

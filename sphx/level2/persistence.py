@@ -25,10 +25,10 @@ state's last exposure ended raises :class:`~sphx.errors.OrderError`.
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 import pydantic
 import xarray as xr
-import dask.array as da
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
@@ -42,7 +42,7 @@ from ..levels import ELECTRON_RATE
 from ..pipeline.step import StepConfig, register_step
 from ._frame import active_slice
 
-__all__ = ["PersistenceConfig", "STATE_NAME", "STATE_VARIABLES", "advance", "update_persistence"]
+__all__ = ["STATE_NAME", "STATE_VARIABLES", "PersistenceConfig", "advance", "update_persistence"]
 
 STATE_NAME = "persistence"
 STATE_VARIABLES = ("TRAP_STATE", "state_mjd_end", "state_obsid")
@@ -53,23 +53,24 @@ class PersistenceConfig(StepConfig):
 
 
 def advance(state: np.ndarray, image: np.ndarray, flags: np.ndarray, density: np.ndarray, saturation: np.ndarray,
-            *, gap: float,
-            exposure: float, taus: np.ndarray, fractions: np.ndarray, active: slice) -> tuple[np.ndarray, np.ndarray]:
-    """One link of the scan: (new state, persistent current on the image grid).
+            *, gap: float, exposure: float, taus: np.ndarray, fractions: np.ndarray, threshold: float,
+            active: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One link of the scan: (new state, persistent current, FLAGS with PERSIST).
 
     ``state`` (K, n, n) [electron] is not modified; ``image`` and ``flags`` are the
-    exposure's current [electron/s] and flags on the cube's grid; ``density`` and
+    exposure's current [electron/s] and flags on the cube's grid, and so are the
+    current (NaN outside the active pixels) and flags returned; ``density`` and
     ``saturation`` are active maps. A pixel that overflowed so early that the on-board fit
     gave no slope (NaN with OVERFLOW or SUR_ERROR) filled its traps to saturation.
     """
-    new = state.astype(np.float32)  # the stored state is float32: a resumed scan must match
     current = np.full(image.shape, np.nan, np.float32)
-    current[active, active] = _model.release(new, gap=gap, exposure=exposure, taus=taus)
-    a = image[active, active]
-    saturated = (flags[active, active] & np.uint32(_flags.Flag.OVERFLOW | _flags.Flag.SUR_ERROR)) != 0
-    fluence = np.where(np.isfinite(a), np.minimum(a * exposure, saturation), np.where(saturated, saturation, 0.0))
-    _model.capture(new, fluence, fractions=fractions, density=density)
-    return new, current
+    new_flags = flags.copy()
+    new = np.empty(state.shape, np.float32)  # float32 as stored: a resumed scan must match an uninterrupted one
+    _model.expose(state, image[active, active], flags[active, active], density=density, saturation=saturation,
+                  gap=gap, exposure=exposure, taus=taus, fractions=fractions,
+                  saturated_bits=int(_flags.Flag.OVERFLOW | _flags.Flag.SUR_ERROR), threshold=threshold,
+                  persist_bit=int(_flags.Flag.PERSIST), out=(new, current[active, active], new_flags[active, active]))
+    return new, current, new_flags
 
 
 def _initial_state(state: xr.Dataset | None, ds: xr.Dataset, k: int, n: int,
@@ -143,7 +144,7 @@ def update_persistence(
         b = ds["band"].values[late[0]]
         raise OrderError(f"observation {ids[0]} starts (MJD {beg[0]:.6f}) before the end of the last exposure "
                          f"in the persistence state of band {b} (MJD {last_end[late[0]]:.6f}, "
-                         f"{str(state['state_obsid'].sel(band=b).values)}): process exposures in time order "
+                         f"{state['state_obsid'].sel(band=b).values!s}): process exposures in time order "
                          "or start from an earlier state")
 
     image = ds["IMAGE"].data
@@ -160,10 +161,12 @@ def update_persistence(
     fractions = np.asarray(pars["TRAP_FRACTION"].values, np.float64)
     texp = ds["xposure"].values
 
-    token = tokenize(image, flags, init, density, saturation, taus, fractions, beg, end, last_end, act)
+    token = tokenize(image, flags, init, density, saturation, taus, fractions, beg, end, last_end, act, config.threshold)
     link, cur, fin = f"persistence-link-{token}", f"persistence-current-{token}", f"persistence-final-{token}"
+    flg = f"persistence-flags-{token}"
     dsk: dict = {}
     final_dsk: dict = {}
+    flags_dsk: dict = {}
     n_band, n_obs = image.numblocks[0], image.numblocks[1]
     for i in range(n_band):
         prev, prev_end = (link, i, -1), last_end[i]
@@ -171,12 +174,17 @@ def update_persistence(
         for j in range(n_obs):
             gap = 0.0 if np.isnan(prev_end) else (beg[j] - prev_end) * 86400.0
             dsk[(link, i, j)] = (_link, prev, (image.name, i, j, 0, 0), (flags.name, i, j, 0, 0), (density.name, i, 0, 0),
-                                 (saturation.name, i, 0, 0), gap, float(texp[j]), taus[i], fractions[i], act)
+                                 (saturation.name, i, 0, 0), gap, float(texp[j]), taus[i], fractions[i],
+                                 config.threshold, act)
             dsk[(cur, i, j, 0, 0)] = (_part, (link, i, j), 1)
+            flags_dsk[(flg, i, j, 0, 0)] = (_part, (link, i, j), 2)
             prev, prev_end = (link, i, j), end[j]
         final_dsk[(fin, i, 0, 0, 0)] = (_part, prev, 0)
     graph = HighLevelGraph.from_collections(cur, dsk, dependencies=[image, flags, init, density, saturation])
     current = da.Array(graph, cur, chunks=image.chunks, dtype=np.float32)
+    # the links live in the current's layer
+    new_flags = da.Array(HighLevelGraph.from_collections(flg, flags_dsk, dependencies=[current]), flg,
+                         chunks=image.chunks, dtype=flags.dtype)
     final = da.Array(HighLevelGraph.from_collections(fin, final_dsk, dependencies=[current, init]),
                      fin, chunks=((1,) * n_band, (k,), (n,), (n,)), dtype=np.float32)
 
@@ -184,9 +192,7 @@ def update_persistence(
     out = ds.copy()
     out["PERSIST_CURRENT"] = xr.Variable(dims, current, {"long_name": "predicted persistent current",
                                                          "units": ELECTRON_RATE})
-    above = xr.DataArray(current, dims=dims) > config.threshold
-    out["FLAGS"] = (ds["FLAGS"] | xr.where(above, np.uint32(_flags.Flag.PERSIST), np.uint32(0))).astype(
-        _flags.FLAG_DTYPE).assign_attrs(ds["FLAGS"].attrs)
+    out["FLAGS"] = xr.Variable(ds["FLAGS"].dims, new_flags, ds["FLAGS"].attrs)
     out = out.assign_coords(trap=("trap", np.arange(k)))
     out["TRAP_STATE"] = xr.DataArray(final, dims=("band", "trap", "state_y", "state_x"),
                                      coords={"state_y": active_coords, "state_x": active_coords},
@@ -204,10 +210,11 @@ def _start(state):
     return np.asarray(state)[0], None
 
 
-def _link(previous, image, flags, density, saturation, gap, exposure, taus, fractions, active):
-    return advance(previous[0], np.asarray(image)[0, 0], np.asarray(flags)[0, 0], np.asarray(density)[0], np.asarray(saturation)[0],
-                   gap=gap, exposure=exposure, taus=taus, fractions=fractions, active=active)
+def _link(previous, image, flags, density, saturation, gap, exposure, taus, fractions, threshold, active):
+    return advance(previous[0], np.asarray(image)[0, 0], np.asarray(flags)[0, 0], np.asarray(density)[0],
+                   np.asarray(saturation)[0], gap=gap, exposure=exposure, taus=taus, fractions=fractions,
+                   threshold=threshold, active=active)
 
 
 def _part(result, index):
-    return result[index][None, None] if index == 1 else result[index][None]
+    return result[index][None] if index == 0 else result[index][None, None]

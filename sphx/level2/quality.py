@@ -17,18 +17,20 @@ fine astrometry flag value of 0". Per image this step records:
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pydantic
 import xarray as xr
 
 from .. import flags as _flags
+from ..blocks import apply_blocks, per_image
 from ..cube import STRING_DTYPE
 from ..instrument import Instrument
 from ..level1.quality import transient_limit
-from ..pipeline.step import StepConfig, register_step
-from ..quality import STATISTICS, ImageStatisticsConfig, image_statistics
+from ..pipeline.step import register_step
+from ..quality import STATISTICS, ImageStatisticsConfig, add_statistics
 
-__all__ = ["Level2QualityConfig", "MODULE_TESTS", "assess_level2_quality"]
+__all__ = ["MODULE_TESTS", "Level2QualityConfig", "assess_level2_quality"]
 
 MODULE_TESTS = {
     "sur": "Validate SUR passed (sur_pass)",
@@ -41,7 +43,7 @@ MODULE_TESTS = {
     "outliers": "OUTLIER pixels below max_outlier, residual pull width within pull_range",
     "zodi": "ZODI finite and positive everywhere, interpolation error below max_zodi_error",
 }
-_BAD_PIXEL = _flags.mask("NONFUNC", "HOT", "COLD", "DICHROIC", "MISSING_DATA")
+_BAD_PIXEL = ("NONFUNC", "HOT", "COLD", "DICHROIC", "MISSING_DATA")
 
 
 class Level2QualityConfig(ImageStatisticsConfig):
@@ -55,10 +57,25 @@ class Level2QualityConfig(ImageStatisticsConfig):
     max_zodi_error: float = 0.005
 
 
-def _count(flags: np.ndarray, bits: int, without: int) -> np.ndarray:
-    lead = flags.shape[:-2]
-    f = flags.reshape(*lead, -1)
-    return np.count_nonzero(((f & np.uint32(bits)) != 0) & ((f & np.uint32(without)) == 0), axis=-1)
+@numba.njit(nogil=True, cache=True)
+def _n_uncalibrated(image, variance, flags, nonfunc):
+    """Functional pixels without a finite IMAGE and a positive VARIANCE."""
+    n = 0
+    for i in range(image.shape[0]):
+        for j in range(image.shape[1]):
+            if (flags[i, j] & nonfunc) == 0 and not (np.isfinite(image[i, j]) and variance[i, j] > 0):
+                n += 1
+    return np.int64(n)
+
+
+@numba.njit(nogil=True, cache=True)
+def _n_bad_zodi(zodi):
+    """Pixels whose ZODI is not finite and positive."""
+    n = 0
+    for v in zodi.ravel():
+        if not (v > 0 and np.isfinite(v)):
+            n += 1
+    return np.int64(n)
 
 
 @register_step(
@@ -73,13 +90,10 @@ def assess_level2_quality(
     ds: xr.Dataset, *, calib: dict[str, xr.Dataset], config: Level2QualityConfig, instrument: Instrument
 ) -> xr.Dataset:
     """Flag counts, module tests and the L2DQAFLG outcome of every image (lazy)."""
-    out = image_statistics.step.func(ds, calib=calib, config=ImageStatisticsConfig(bad=config.bad),
-                                     instrument=instrument)
+    out, count_nb = add_statistics(ds, bad=config.bad, instrument=instrument, without=_BAD_PIXEL)
     npix = instrument.n_active**2
     for name, bit in (("n_tran_nb", "TRANSIENT"), ("n_pers_nb", "PERSIST")):
-        out[name] = xr.apply_ufunc(_count, ds["FLAGS"], input_core_dims=[["y", "x"]], dask="parallelized",
-                                   kwargs={"bits": int(_flags.Flag[bit]), "without": int(_BAD_PIXEL)},
-                                   output_dtypes=[np.int64]).assign_attrs(
+        out[name] = count_nb.sel(flag=bit, drop=True).assign_attrs(
             long_name=f"{bit} pixels without bad-pixel bits (L2 N_{bit[:4]}_NB)")
     count = out["flag_count"]
     frac = {n: count.sel(flag=n, drop=True) / npix for n in ("NONLINEAR", "PERSIST", "SOURCE", "OUTLIER")}
@@ -90,14 +104,17 @@ def assess_level2_quality(
             return xr.full_like(out["stat_npix"], -1, dtype=np.int8)
         return condition.astype(np.int8)
 
+    def each_image(kernel, *arrays: xr.DataArray, **kwargs) -> xr.DataArray:
+        return apply_blocks(per_image(kernel), *arrays, kwargs=kwargs, input_core_dims=[["y", "x"]] * len(arrays),
+                            output_dtypes=[np.int64])
+
     good_cal = None
     if "VARIANCE" in ds:
-        functional = (ds["FLAGS"] & np.uint32(_flags.Flag.NONFUNC)) == 0
-        broken = functional & ~(np.isfinite(ds["IMAGE"]) & (ds["VARIANCE"] > 0))
-        good_cal = broken.sum(("y", "x")) == 0
+        good_cal = each_image(_n_uncalibrated, ds["IMAGE"], ds["VARIANCE"], ds["FLAGS"],
+                              nonfunc=np.uint32(_flags.Flag.NONFUNC)) == 0
     zodi = None
     if "ZODI" in ds:
-        zodi = (np.isfinite(ds["ZODI"]) & (ds["ZODI"] > 0)).all(("y", "x"))
+        zodi = each_image(_n_bad_zodi, ds["ZODI"]) == 0
         if "zodi_interp_error" in ds:
             zodi = zodi & (ds["zodi_interp_error"] < config.max_zodi_error)
     outliers = frac["OUTLIER"] < config.max_outlier
@@ -106,7 +123,7 @@ def assess_level2_quality(
         outliers = outliers & (ds["outlier_pull_std"] >= lo) & (ds["outlier_pull_std"] <= hi)
     lo, hi = config.source_range
     tests = {
-        "sur": ds["sur_pass"] if "sur_pass" in ds else None,
+        "sur": ds.get("sur_pass"),
         "preamp": np.isfinite(ds["preamp_offset"]).all([d for d in ds["preamp_offset"].dims
                                                         if d not in ("band", "obs")])
         if "preamp_offset" in ds else None,

@@ -55,8 +55,10 @@ import xarray as xr
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import flags as _flags
+from ..blocks import apply_blocks
 from ..errors import CalibrationError, StepError
 from ..instrument import Instrument
+from ..kernels.select import median
 from ..levels import SURFACE_BRIGHTNESS, same_unit, squared
 from ..pipeline.step import StepConfig, register_step
 from ..wcs import SIP_ORDER, WCS_VARIABLES, arrays_to_wcs
@@ -262,18 +264,26 @@ def source_radii(level, zone, envelopes, step, min_radius, max_radius):  # pragm
 
 
 @numba.njit(nogil=True, cache=True)
-def paint_discs(mask, x, y, radius):  # pragma: no cover - compiled
-    """Set ``mask`` on every pixel whose centre lies within ``radius`` of ``(x, y)``.
+def paint_discs(target, x, y, radius, value):  # pragma: no cover - compiled
+    """OR ``value`` into every pixel of ``target`` whose centre lies within ``radius`` of ``(x, y)``.
 
     Parameters
     ----------
-    mask : (ny, nx) bool array
+    target : (ny, nx) integer or bool array
         Pixel ``(j, i)`` has its centre at ``x = i``, ``y = j``; changed in place.
     x, y, radius : (n,) float64
         Disc centres and radii [pixel]; non-finite centres and radii of zero or less
         paint nothing.
+    value
+        Bits to set (``True`` for a bool mask).
+
+    Returns
+    -------
+    int
+        Number of pixels that did not carry ``value`` before and now do.
     """
-    ny, nx = mask.shape
+    ny, nx = target.shape
+    painted = 0
     for s in range(x.size):
         r, xs, ys = radius[s], x[s], y[s]
         if not (np.isfinite(xs) and np.isfinite(ys) and r > 0.0):
@@ -288,7 +298,39 @@ def paint_discs(mask, x, y, radius):  # pragma: no cover - compiled
             i0 = max(0, math.ceil(xs - h))
             i1 = min(nx - 1, math.floor(xs + h))
             for i in range(i0, i1 + 1):
-                mask[j, i] = True
+                if target[j, i] & value != value:
+                    target[j, i] |= value
+                    painted += 1
+    return painted
+
+
+@numba.njit(nogil=True, cache=True)
+def _noise_and_cleared(variance, flags, bad, source):  # pragma: no cover - compiled
+    """Median VARIANCE of the good pixels (NaN if none) and FLAGS without ``source``."""
+    good = np.empty(variance.size, np.float32)  # float32: radix selection of the median
+    out = np.empty_like(flags)
+    n = 0
+    for i in range(flags.shape[0]):
+        for j in range(flags.shape[1]):
+            f, v = flags[i, j], variance[i, j]
+            out[i, j] = f & ~source
+            if (f & bad) == 0 and np.isfinite(v):
+                good[n] = v
+                n += 1
+    return median(good[:n]), out
+
+
+@numba.njit(nogil=True, cache=True)
+def _nearest(x, y, centre_x, centre_y):  # pragma: no cover - compiled
+    """Index of the nearest of the points ``(centre_x, centre_y)`` to each ``(x, y)``."""
+    out = np.zeros(x.size, np.int64)
+    for s in range(x.size):
+        best = np.inf
+        for z in range(centre_x.size):
+            d = (x[s] - centre_x[z]) ** 2 + (y[s] - centre_y[z]) ** 2
+            if d < best:
+                best, out[s] = d, z
+    return out
 
 
 # --- one image ---------------------------------------------------------------------------
@@ -297,12 +339,98 @@ def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=-1)
 
 
+@numba.njit(nogil=True, cache=True)
+def _near_rows(cat, centre, reach, epoch):  # pragma: no cover - compiled
+    """Rows of the catalogue array within ``reach`` [rad] of ``centre`` once moved to ``epoch``."""
+    cos_reach = math.cos(reach)
+    out = np.empty(cat.shape[0], np.int64)
+    n = 0
+    for r in range(cat.shape[0]):
+        cos_d = cat[r, _UX] * centre[0] + cat[r, _UY] * centre[1] + cat[r, _UZ] * centre[2]
+        if not cos_d >= cos_reach:  # the motion since the catalogue epoch may still bring it in (NaN: never)
+            motion = math.hypot(cat[r, _PMRA], cat[r, _PMDEC]) * abs(epoch - cat[r, _EPOCH]) * _MAS_TO_RAD
+            if not (motion > 0.0 and math.acos(min(cos_d, 1.0)) <= reach + motion):
+                continue
+        out[n] = r
+        n += 1
+    return out[:n]
+
+
+@numba.njit(inline="always")
+def _poly(c, u, v):  # pragma: no cover - compiled
+    """SIP polynomial sum_{p,q} c[p, q] u^p v^q and its derivatives along u and v."""
+    f = du = dv = 0.0
+    up, up_1 = 1.0, 0.0  # u^p and u^(p-1)
+    for p in range(c.shape[0]):
+        vq, vq_1 = 1.0, 0.0
+        for q in range(c.shape[1] - p):
+            f += c[p, q] * up * vq
+            du += p * c[p, q] * up_1 * vq
+            dv += q * c[p, q] * up * vq_1
+            vq, vq_1 = vq * v, vq
+        up, up_1 = up * u, up
+    return f, du, dv
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 is inf, as in numpy
+def _pixels_at_epoch(cat, rows, epoch, crval, cd_inverse, crpix, a, b, ap, bp):  # pragma: no cover - compiled
+    """0-based pixel coordinates of catalogue rows moved to ``epoch`` [Julian year].
+
+    Linear proper motion along the tangent plane at the source, then the gnomonic (TAN)
+    projection about ``crval`` [deg], the inverse CD matrix, and the SIP distortion
+    inverted by Newton's method from the ``ap``/``bp`` first guess (to 1e-6 pixel).
+    NaN for sources on the far hemisphere.
+    """
+    a0, d0 = math.radians(crval[0]), math.radians(crval[1])
+    centre = (math.cos(d0) * math.cos(a0), math.cos(d0) * math.sin(a0), math.sin(d0))
+    east0 = (-math.sin(a0), math.cos(a0), 0.0)
+    north0 = (-math.sin(d0) * math.cos(a0), -math.sin(d0) * math.sin(a0), math.cos(d0))
+    x = np.empty(rows.size)
+    y = np.empty(rows.size)
+    for i in range(rows.size):
+        r = rows[i]
+        sx, sy, sz = cat[r, _UX], cat[r, _UY], cat[r, _UZ]
+        step = (epoch - cat[r, _EPOCH]) * _MAS_TO_RAD
+        if step != 0.0 and (cat[r, _PMRA] != 0.0 or cat[r, _PMDEC] != 0.0):
+            ra, dec = math.radians(cat[r, _RA]), math.radians(cat[r, _DEC])
+            pe, pn = step * cat[r, _PMRA], step * cat[r, _PMDEC]
+            sx += -pe * math.sin(ra) - pn * math.sin(dec) * math.cos(ra)
+            sy += pe * math.cos(ra) - pn * math.sin(dec) * math.sin(ra)
+            sz += pn * math.cos(dec)
+            norm = math.sqrt(sx * sx + sy * sy + sz * sz)
+            sx, sy, sz = sx / norm, sy / norm, sz / norm
+        depth = sx * centre[0] + sy * centre[1] + sz * centre[2]
+        if not depth > 0.0:
+            x[i] = y[i] = np.nan
+            continue
+        xi = math.degrees((sx * east0[0] + sy * east0[1]) / depth)
+        eta = math.degrees((sx * north0[0] + sy * north0[1] + sz * north0[2]) / depth)
+        fu = cd_inverse[0, 0] * xi + cd_inverse[0, 1] * eta
+        fv = cd_inverse[1, 0] * xi + cd_inverse[1, 1] * eta
+        u = fu + _poly(ap, fu, fv)[0]
+        v = fv + _poly(bp, fu, fv)[0]
+        for _ in range(10):
+            fa, fa_u, fa_v = _poly(a, u, v)
+            fb, fb_u, fb_v = _poly(b, u, v)
+            r1, r2 = u + fa - fu, v + fb - fv
+            j11, j12, j21, j22 = 1.0 + fa_u, fa_v, fb_u, 1.0 + fb_v
+            det = j11 * j22 - j12 * j21
+            du, dv = (j22 * r1 - j12 * r2) / det, (j11 * r2 - j21 * r1) / det
+            u, v = u - du, v - dv
+            if abs(du) < 1e-6 and abs(dv) < 1e-6:
+                break
+        x[i] = u + crpix[0] - 1.0
+        y[i] = v + crpix[1] - 1.0
+    return x, y
+
+
 def _sources_in_image(cat: np.ndarray, wcs: Any, x_range: tuple[float, float], y_range: tuple[float, float],
                       epoch: float, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of the catalogue array near the image, and their pixel labels (x, y) at ``epoch``.
 
     ``x_range``, ``y_range`` are the first and last pixel labels of the image; sources
-    within ``margin`` pixels of it are kept.
+    within ``margin`` pixels of it are kept. ``wcs`` is a TAN or TAN-SIP WCS as built by
+    :func:`sphx.wcs.arrays_to_wcs`.
     """
     (xa, xb), (ya, yb) = x_range, y_range
     ra, dec = wcs.all_pix2world(np.array([(xa + xb) / 2, xa, xb, xa, xb]),
@@ -310,27 +438,16 @@ def _sources_in_image(cat: np.ndarray, wcs: Any, x_range: tuple[float, float], y
     u = _unit_vectors(ra, dec)
     corner = float(np.arccos(np.clip(u[1:] @ u[0], -1.0, 1.0)).max())
     scale = math.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * math.pi / 180.0  # [rad / pixel]
-    dt = epoch - cat[:, _EPOCH]
-    motion = float(np.max(np.hypot(cat[:, _PMRA], cat[:, _PMDEC]) * np.abs(dt), initial=0.0)) * _MAS_TO_RAD
-    reach = min(corner + (margin + 2.0) * scale + motion, math.pi)
-    near = np.flatnonzero(cat[:, _UX:_UZ + 1] @ u[0] >= math.cos(reach))
-    rows = cat[near]
-    # linear motion along the tangent plane, then back onto the sphere
-    a, d = np.deg2rad(rows[:, _RA]), np.deg2rad(rows[:, _DEC])
-    east = np.stack([-np.sin(a), np.cos(a), np.zeros_like(a)], axis=-1)
-    north = np.stack([-np.sin(d) * np.cos(a), -np.sin(d) * np.sin(a), np.cos(d)], axis=-1)
-    step = dt[near, None] * _MAS_TO_RAD
-    v = rows[:, _UX:_UZ + 1] + step * (rows[:, _PMRA, None] * east + rows[:, _PMDEC, None] * north)
-    v /= np.linalg.norm(v, axis=-1, keepdims=True)
-    ra_t = np.rad2deg(np.arctan2(v[:, 1], v[:, 0])) % 360.0
-    dec_t = np.rad2deg(np.arcsin(np.clip(v[:, 2], -1.0, 1.0)))
-    if near.size:
-        x, y = wcs.all_world2pix(ra_t, dec_t, 0, tolerance=1e-4, quiet=True)
-    else:
-        x = y = np.zeros(0)
+    near = _near_rows(cat, u[0], min(corner + (margin + 2.0) * scale, math.pi), epoch)
+    order = SIP_ORDER + 1
+    sip = wcs.sip
+    a, b, ap, bp = (np.zeros((order, order)) if sip is None or getattr(sip, k) is None else
+                    np.ascontiguousarray(getattr(sip, k), dtype=np.float64) for k in ("a", "b", "ap", "bp"))
+    x, y = _pixels_at_epoch(cat, near, epoch, wcs.wcs.crval, np.linalg.inv(wcs.wcs.get_pc() * wcs.wcs.cdelt[:, None]),
+                            wcs.wcs.crpix, a, b, ap, bp)
     keep = (np.isfinite(x) & np.isfinite(y) & (x >= xa - 0.5 - margin) & (x <= xb + 0.5 + margin)
             & (y >= ya - 0.5 - margin) & (y <= yb + 0.5 + margin))
-    return near[keep], np.asarray(x)[keep], np.asarray(y)[keep]
+    return near[keep], x[keep], y[keep]
 
 
 def _mask_image(flags, variance, cwave, sapm, envelopes, zone_x, zone_y, crpix, crval, cd,
@@ -342,9 +459,10 @@ def _mask_image(flags, variance, cwave, sapm, envelopes, zone_x, zone_y, crpix, 
                         "the source mask needs the image's astrometry")
     wcs = arrays_to_wcs(crpix, crval, cd, sip_a, sip_b, sip_ap, sip_bp)
     ny, nx = flags.shape
-    good = np.isfinite(variance) & ((flags & np.uint32(int(_flags.DEFAULT_BAD))) == 0)
-    sigma = math.sqrt(float(np.median(variance[good]))) if good.any() else math.nan
-    mask = np.zeros((ny, nx), np.bool_)
+    source = np.uint32(int(_flags.Flag.SOURCE))
+    median_variance, out = _noise_and_cleared(variance, flags, np.uint32(int(_flags.DEFAULT_BAD)), source)
+    sigma = math.sqrt(median_variance)
+    painted = 0
     if cat.shape[0]:  # NaN rows (no position) never pass the selection
         rows, x, y = _sources_in_image(cat, wcs, (x0, x0 + nx - 1), (y0, y0 + ny - 1), float(epoch), max_radius)
         xi = np.clip(np.rint(x - x0), 0, nx - 1).astype(np.int64)
@@ -356,12 +474,10 @@ def _mask_image(flags, variance, cwave, sapm, envelopes, zone_x, zone_y, crpix, 
         omega = pixel_solid_angle(sapm[yi, xi])  # [uJy per MJy/sr]
         with np.errstate(divide="ignore", invalid="ignore"):
             level = threshold * sigma * omega / flux  # fraction of the flux per pixel at the threshold
-        zone = np.argmin((x[:, None] - zone_x[None, :]) ** 2 + (y[:, None] - zone_y[None, :]) ** 2, axis=1)
-        radius = source_radii(level, zone.astype(np.int64), envelopes, PROFILE_STEP, min_radius, max_radius)
-        paint_discs(mask, x - x0, y - y0, radius)
-    source = np.uint32(int(_flags.Flag.SOURCE))
-    out = (flags & ~source) | (mask.astype(np.uint32) * source)
-    return out, float(np.count_nonzero(mask)) / mask.size
+        zone = _nearest(x, y, np.asarray(zone_x, np.float64), np.asarray(zone_y, np.float64))
+        radius = source_radii(level, zone, envelopes, PROFILE_STEP, min_radius, max_radius)
+        painted = paint_discs(out, x - x0, y - y0, radius, source)
+    return out, painted / out.size
 
 
 def _mask_stack(flags, variance, *args, **options: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -515,14 +631,13 @@ def create_source_mask(
     offset_x = psf_product["psf_x"].values / instrument.pixel_scale  # [arcsec] -> [pixel]
     offset_y = psf_product["psf_y"].values / instrument.pixel_scale
     psf = psf_product["PSF"].sel(band=ds["band"].values).chunk({"band": 1, "zone": -1, "psf_y": -1, "psf_x": -1})
-    envelopes = xr.apply_ufunc(
+    envelopes = apply_blocks(
         psf_envelopes, psf,
         input_core_dims=[["zone", "psf_y", "psf_x"]],
         output_core_dims=[["zone", "psf_radius"]],
         kwargs={"offset_x": offset_x, "offset_y": offset_y, "oversampling": int(over)},
-        dask="parallelized",
         output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"psf_radius": _profile_size(offset_x, offset_y, int(over))}},
+        output_sizes={"psf_radius": _profile_size(offset_x, offset_y, int(over))},
     )
     zone_x = psf_product["zone_x"].variable.chunk(-1)
     zone_y = psf_product["zone_y"].variable.chunk(-1)
@@ -541,7 +656,7 @@ def create_source_mask(
     obs = xr.Variable("obs", ds["obs"].values).chunk({"obs": 1})
     catalog = xr.Variable(("catalog_source", "catalog_field"), cat).chunk(-1)
 
-    new_flags, fraction = xr.apply_ufunc(
+    new_flags, fraction = apply_blocks(
         _mask_stack,
         flags_in, variance,
         _calibration_map(calib, "spectral_wcs", "CWAVE", ds),
@@ -553,7 +668,6 @@ def create_source_mask(
         output_core_dims=[["y", "x"], []],
         kwargs={"x0": int(x[0]), "y0": int(y[0]), "threshold": config.threshold, "min_radius": config.min_radius,
                 "max_radius": config.max_radius},
-        dask="parallelized",
         output_dtypes=[ds["FLAGS"].dtype, np.float64],
     )
     out = ds.copy()

@@ -14,6 +14,7 @@ import numba
 import numpy as np
 import xarray as xr
 
+from ..blocks import apply_blocks
 from ..calibration import product_for
 from ..instrument import Instrument
 from ..kernels.ramp import slope_variance_scalar
@@ -29,7 +30,7 @@ def _variance(image, read_noise, start, n_frames, frame_time, out):
     for y in numba.prange(read_noise.shape[0]):
         for x in range(read_noise.shape[1]):
             r = image[y + start, x + start]
-            r = r if r > 0.0 else 0.0  # also maps NaN to 0: the read-noise floor
+            r = max(0.0, r)  # also maps NaN to 0: the read-noise floor
             out[y + start, x + start] = slope_variance_scalar(r, read_noise[y, x], n_frames, frame_time)
 
 
@@ -55,13 +56,13 @@ def create_variance_map(
     """Add VARIANCE (band, obs, y, x) [(electron/s)^2] from the current and the read noise (lazy)."""
     rn = product_for("readnoise_pars", calib["readnoise_pars"], ds, instrument=instrument)["READNOISE"]
     rn = rn.rename(y="ay", x="ax").drop_vars(["ay", "ax"])
-    var = xr.apply_ufunc(
+    var = apply_blocks(
         variance_kernel, ds["IMAGE"], rn,
         input_core_dims=[["y", "x"], ["ay", "ax"]], output_core_dims=[["y", "x"]],
         kwargs={"active": active_slice(ds, instrument),
                 "n_frames": instrument.n_frames - instrument.n_discarded_frames,
                 "frame_time": instrument.frame_time},
-        dask="parallelized", output_dtypes=[np.float32],
+        output_dtypes=[np.float32],
     )
     out = ds.copy()
     out["VARIANCE"] = var.transpose(*ds["IMAGE"].dims).assign_attrs(

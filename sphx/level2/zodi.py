@@ -476,16 +476,23 @@ def _image_task(
     if not (np.isfinite(mjd) and np.all(np.isfinite(sc))):
         raise StepError(f"{where}: mjd_avg or sc_position at sc_epoch 'avg' is NaN")
     wcs = arrays_to_wcs(crpix, crval, cd, *sip)
-    ax, ay = (x >= 0) & (x < n_active), (y >= 0) & (y < n_active)
-    out = np.full(cwave.shape, np.nan, dtype=np.float32)
+    # the active pixels are a contiguous range of x and y: slices, not copies
+    ix, iy = np.flatnonzero((x >= 0) & (x < n_active)), np.flatnonzero((y >= 0) & (y < n_active))
     err = np.float64(np.nan)
-    if ax.any() and ay.any():
-        cw = cwave[np.ix_(ay, ax)]
-        if not np.all(np.isfinite(cw)):
+    if not (ix.size and iy.size):
+        out = np.full(cwave.shape, np.nan, dtype=np.float32)
+    else:
+        sx, sy = slice(ix[0], ix[-1] + 1), slice(iy[0], iy[-1] + 1)
+        cw = cwave[sy, sx]
+        if not np.isfinite(cw).all():
             raise CalibrationError(f"spectral_wcs CWAVE of band {int(band)} is not finite on every active pixel")
-        geometry = {"mjd": float(mjd), "sc_position_km": sc, "x": x[ax], "y": y[ay]}
+        geometry = {"mjd": float(mjd), "sc_position_km": sc, "x": x[sx], "y": y[sy]}
         z = zodi_image(wcs, cw, nodes=nodes, **geometry)
-        out[np.ix_(ay, ax)] = z
+        if z.shape == cwave.shape:
+            out = z.astype(np.float32, copy=False)
+        else:
+            out = np.full(cwave.shape, np.nan, dtype=np.float32)
+            out[sy, sx] = z
         if check_every:
             err = np.float64(interpolation_error(z, wcs, cw, every=check_every, **geometry))
     return (out, err) if check_every else out

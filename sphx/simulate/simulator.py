@@ -45,13 +45,13 @@ from ..kernels.ramp import ols_weights, slope_variance
 from ..levels import ADU_RATE, SURFACE_BRIGHTNESS
 from ..obsid import obs_key
 from ..wcs import focal_plane_wcs
+from ..zodi import earth_position, zodi_brightness
 from .config import SimulationConfig, load_config
 from .detector import Detector, make_detector
 from .optics import FocalPlane, focal_plane, psf_sigmas, render_point_sources, solid_angle_map, spectral_maps
 from .readout import add_ramp_noise, expose, read_out
 from .sky import catalog_for_pixels, pixels_in_footprint, propagate, sed_flux
 from .survey import OBLIQUITY, SurveyPlan, equatorial_to_ecliptic, plan_survey
-from ..zodi import earth_position, zodi_brightness
 
 __all__ = ["TRUTH_LEVEL", "ImageResult", "Simulator"]
 
