@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import xarray as xr
 
-from ..blocks import per_image
 from ..errors import StepError
 from ..instrument import Instrument
 
-__all__ = ["active_slice", "per_image"]
+__all__ = ["active_slice"]
 
 
 def active_slice(ds: xr.Dataset, instrument: Instrument) -> slice:

@@ -22,12 +22,12 @@ import pydantic
 import xarray as xr
 
 from .. import flags as _flags
-from ..blocks import apply_blocks
+from ..blocks import apply_blocks, per_image
 from ..calibration import product_for
 from ..instrument import Instrument
 from ..kernels.select import median
 from ..pipeline.step import StepConfig, register_step
-from ._frame import active_slice, per_image
+from ._frame import active_slice
 
 __all__ = ["BadPixelConfig", "apply_bad_pixel_mask", "bad_pixel_map"]
 

@@ -17,13 +17,13 @@ import numpy as np
 import xarray as xr
 
 from .. import flags as _flags
-from ..blocks import apply_blocks
+from ..blocks import apply_blocks, per_image
 from ..calibration import product_for
 from ..instrument import Instrument
 from ..kernels.nonlinearity import true_rate
 from ..levels import ELECTRON_RATE
 from ..pipeline.step import StepConfig, register_step
-from ._frame import active_slice, per_image
+from ._frame import active_slice
 
 __all__ = ["correct_nonlinearity", "nonlinearity_kernel"]
 

@@ -22,12 +22,11 @@ import pydantic
 import xarray as xr
 
 from .. import flags as _flags
-from ..blocks import apply_blocks
+from ..blocks import apply_blocks, per_image
 from ..instrument import Instrument
 from ..kernels.median import median_filter
 from ..kernels.select import median
 from ..pipeline.step import StepConfig, register_step
-from ._frame import per_image
 
 __all__ = ["OutlierConfig", "detect_outliers", "outlier_kernel"]
 

@@ -14,13 +14,12 @@ import numba
 import numpy as np
 import xarray as xr
 
-from ..blocks import apply_blocks
+from ..blocks import apply_blocks, per_image
 from ..calibration import product_for
 from ..errors import StepError
 from ..instrument import Instrument
 from ..levels import ELECTRON_RATE, SURFACE_BRIGHTNESS, squared
 from ..pipeline.step import StepConfig, register_step
-from ._frame import per_image
 
 __all__ = ["apply_photometric_calibration"]
 

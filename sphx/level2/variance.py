@@ -14,13 +14,13 @@ import numba
 import numpy as np
 import xarray as xr
 
-from ..blocks import apply_blocks
+from ..blocks import apply_blocks, per_image
 from ..calibration import product_for
 from ..instrument import Instrument
 from ..kernels.ramp import slope_variance_scalar
 from ..levels import ELECTRON_RATE, squared
 from ..pipeline.step import StepConfig, register_step
-from ._frame import active_slice, per_image
+from ._frame import active_slice
 
 __all__ = ["create_variance_map", "variance_kernel"]
 
