@@ -141,6 +141,10 @@ class ComputeError(SphxError, ValueError):
     """A compute profile that is unknown or inconsistent."""
 
 
+class OrbitElementsError(SphxError, ValueError):
+    """An orbital-elements file or table that cannot be read (names the line or column)."""
+
+
 class SimulationError(SphxError, ValueError):
     """A simulation configuration that cannot be simulated (names the setting and why)."""
 

@@ -17,6 +17,9 @@ def test_demo_runs_the_pipeline_and_checks_truth(tmp_path):
     assert set(result.pulls) == {1, 2, 3, 4, 5, 6}
     for mean, std in result.pulls.values():
         assert abs(mean) < 0.1 and abs(std - 1) < 0.15
+    # arcminute pointing errors solved from the stars; failures are flagged, never wrong
+    assert result.astrometry_solved >= 9 and result.astrometry_worst < 0.1
+    assert any(line.startswith("  fine astrometry: FINAST = 0") for line in lines)
     assert result.output == (tmp_path / "out").resolve()
     assert {p.name for p in result.output.iterdir()} == {".sphx-demo", "repository"}
     assert set(result.repository.levels()) == {"raw", "truth", "l1", "l2a", "l2"}

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-import xarray as xr
 import yaml
 
 from sphx import flags as F
@@ -110,7 +109,7 @@ def test_level1_records_quality_and_reobservation(processed):
     assert l2["l2dqa_tests"].sizes["dqa_test"] == 9
     assert (l2["l2dqa_tests"].values >= 0).sum(-1).min() >= 8  # every module ran, SUR where pixels exist
     expected = (2 * (l2["l2dqa_tests"].values == 1).sum(-1) >= (l2["l2dqa_tests"].values >= 0).sum(-1)) \
-        & (l2["saa_distance"].values > 0)[None, :]
+        & (l2["saa_distance"].values > 0)[None, :] & (l2["finast"].values == 0)
     np.testing.assert_array_equal(l2["l2dqa_pass"].values, expected)
     assert int(l2["flag_count"].sel(flag="SOURCE").sum()) > 0
     # the per-image counts against numpy

@@ -17,8 +17,8 @@ from sphx.kernels.nonlinearity import measured_rate
 from sphx.kernels.ramp import slope_variance
 from sphx.simulate import TRUTH_LEVEL, Simulator, load_config, simulate_survey
 from sphx.simulate.sky import sed_flux
-from sphx.zodi import earth_position, zodi_brightness
 from sphx.validate import validate_cube
+from sphx.zodi import earth_position, zodi_brightness
 
 SMALL = {"instrument": "SPHEREx-small", "seed": 11}
 
@@ -308,7 +308,8 @@ def test_simulate_survey_writes_raw_products_and_truth(tmp_path):
     assert 0 < np.std(rel) < 0.005  # lab-measured: 0.2 % errors
     psf = repo.open_calibration("average_psf")["PSF"].values
     assert np.allclose(psf.sum(axis=(-1, -2)), 1, atol=1e-4)
-    assert set(repo.tables()) == {"refcat", "survey_plan", "truth_sources", "truth_transients", "fullsample"}
+    assert set(repo.tables()) == {"refcat", "survey_plan", "truth_sources", "truth_transients", "fullsample",
+                                 "sso_elements"}
     src = repo.read_table("truth_sources").to_pandas()
     assert set(src["obsid"]) == set(report.obsids) and (src["flux"] > 0).all()
     assert repo.read_table("refcat").num_rows == report.catalog_sources

@@ -16,6 +16,7 @@ from astropy.modeling.models import BlackBody
 from astropy.time import Time
 from scipy.integrate import quad
 
+from sphx.catalog.motion import propagate
 from sphx.errors import SimulationError
 from sphx.simulate.sky import (
     AB_ZERO_POINT_UJY,
@@ -25,7 +26,6 @@ from sphx.simulate.sky import (
     ICE_FEATURES,
     catalog_for_pixels,
     pixels_in_footprint,
-    propagate,
     sed_flux,
 )
 

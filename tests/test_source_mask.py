@@ -11,17 +11,10 @@ import xarray as xr
 from scipy.special import erf
 
 from sphx import flags, open_repository
+from sphx.astrometry.catalog import catalog_array, interpolate_flux, pixels_at_epoch
 from sphx.errors import CalibrationError, ConfigError, StepError
 from sphx.kernels.ramp import slope_variance
-from sphx.level2.source_mask import (
-    PROFILE_STEP,
-    _catalog,
-    _pixels_at_epoch,
-    create_source_mask,
-    interpolate_flux,
-    pixel_solid_angle,
-    psf_envelopes,
-)
+from sphx.level2.source_mask import PROFILE_STEP, create_source_mask, pixel_solid_angle, psf_envelopes
 from sphx.simulate.optics import WING_FRACTION, WING_SCALE, psf_sigmas
 from sphx.testing import raise_if_dask_computes
 from sphx.wcs import cube_wcs
@@ -270,14 +263,14 @@ def test_catalogue_projection_matches_astropy(single):
     rng = np.random.default_rng(5)
     x, y = rng.uniform(-40, 296, 500), rng.uniform(-40, 296, 500)
     ra, dec = wcs.all_pix2world(x, y, 0)
-    cat = _catalog({"refcat": _table(ra, dec, 1.0, ref_epoch=2000.0)})
+    cat = catalog_array(_table(ra, dec, 1.0, ref_epoch=2000.0))
     sip = [np.asarray(getattr(wcs.sip, k), dtype=np.float64) for k in ("a", "b", "ap", "bp")]
-    px, py = _pixels_at_epoch(cat, np.arange(x.size), 2000.0, wcs.wcs.crval, np.linalg.inv(wcs.wcs.get_pc()),
+    px, py = pixels_at_epoch(cat, np.arange(x.size), 2000.0, wcs.wcs.crval, np.linalg.inv(wcs.wcs.get_pc()),
                               wcs.wcs.crpix, *sip)
     assert np.abs(px - x).max() < 1e-5 and np.abs(py - y).max() < 1e-5
     # the far hemisphere has no pixel
-    far = _catalog({"refcat": _table(wcs.wcs.crval[0] + 180.0, -wcs.wcs.crval[1], 1.0)})
-    assert np.isnan(_pixels_at_epoch(far, np.arange(1), 2000.0, wcs.wcs.crval, np.eye(2), wcs.wcs.crpix,
+    far = catalog_array(_table(wcs.wcs.crval[0] + 180.0, -wcs.wcs.crval[1], 1.0))
+    assert np.isnan(pixels_at_epoch(far, np.arange(1), 2000.0, wcs.wcs.crval, np.eye(2), wcs.wcs.crpix,
                                      *sip)[0]).all()
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import xarray as xr
 
 from .. import __version__
@@ -33,7 +34,7 @@ from .levelstore import LevelStore, WriteReport
 from .location import Location
 from .products import PendingVersion, ProductStore
 from .provenance import read_records, utc_now
-from .tables import read_table, table_names, write_table
+from .tables import open_table, read_table, table_names, write_table
 
 __all__ = ["Repository", "open_repository"]
 
@@ -255,6 +256,10 @@ class Repository:
 
     def read_table(self, name: str, *, columns: Sequence[str] | None = None, filter: Any = None) -> pa.Table:
         return read_table(self._loc, name, columns=columns, filter=filter)
+
+    def open_table(self, name: str) -> pads.Dataset:
+        """A table as a lazy ``pyarrow.dataset.Dataset`` (see :func:`sphx.io.tables.open_table`)."""
+        return open_table(self._loc, name)
 
     def tables(self) -> list[str]:
         return table_names(self._loc)

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from ..errors import RepositoryError
 from .location import Location
 
-__all__ = ["read_table", "table_names", "write_table"]
+__all__ = ["open_table", "read_table", "table_names", "write_table"]
 
+_ROW_GROUP_KEY = b"sphx.row_group_size"  # a table's preferred rows per row group
 _SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -50,6 +51,7 @@ def write_table(
     key: str,
     partition: Mapping[str, int | str] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    row_group_size: int | None = None,
 ) -> str:
     """Write one piece of a table; returns the path written.
 
@@ -66,6 +68,11 @@ def write_table(
         Hive partition values, e.g. ``{"healpix64": 1234}``.
     provenance
         Stored in the schema metadata.
+    row_group_size
+        Most rows per Parquet row group, so that readers can skip row groups by their
+        statistics. None: the table's own preference (schema metadata
+        ``sphx.row_group_size``, set e.g. by :func:`sphx.catalog.layout.prepare_piece`),
+        else pyarrow's default (up to 1Mi rows).
     """
     table = _as_table(data)
     parts = ["tables", _check("name", name)]
@@ -73,16 +80,34 @@ def write_table(
         parts.append(f"{_check('partition column', k)}={_check('partition value', str(v))}")
     parts.append(f"{_check('key', key)}.parquet")
     meta = dict(table.schema.metadata or {})
+    if row_group_size is None and _ROW_GROUP_KEY in meta:
+        row_group_size = int(meta[_ROW_GROUP_KEY])
+    if row_group_size is not None and (isinstance(row_group_size, bool) or int(row_group_size) < 1):
+        raise RepositoryError(f"table {name!r}: row_group_size must be a positive integer, got {row_group_size!r}")
     meta[b"sphx"] = json.dumps(dict(provenance or {}), default=str).encode()
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     loc.write_bytes(sink.getvalue().to_pybytes(), *parts)
     return loc.path(*parts)
 
 
 def table_names(loc: Location) -> list[str]:
     return loc.listdir("tables")
+
+
+def open_table(loc: Location, name: str) -> pads.Dataset:
+    """A table as a lazy ``pyarrow.dataset.Dataset`` (nothing read until it is scanned).
+
+    Readers pass filters to its ``to_table``/``scanner`` so that only the partitions and
+    row groups they need are read (the reference catalogue, :mod:`sphx.catalog.query`).
+    """
+    if not loc.exists("tables", name):
+        raise RepositoryError(f"no table {name!r} in {loc.url()} (tables: {', '.join(table_names(loc)) or 'none'})")
+    return pads.dataset(
+        loc.path("tables", name), format="parquet", partitioning="hive",
+        filesystem=loc.arrow_filesystem(), exclude_invalid_files=True,
+    )
 
 
 def read_table(
@@ -101,10 +126,4 @@ def read_table(
     filter
         A ``pyarrow.compute`` expression, e.g. ``pc.field("healpix64") == 12``.
     """
-    if not loc.exists("tables", name):
-        raise RepositoryError(f"no table {name!r} in {loc.url()} (tables: {', '.join(table_names(loc)) or 'none'})")
-    dataset = pads.dataset(
-        loc.path("tables", name), format="parquet", partitioning="hive",
-        filesystem=loc.arrow_filesystem(), exclude_invalid_files=True,
-    )
-    return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
+    return open_table(loc, name).to_table(columns=list(columns) if columns else None, filter=filter)

@@ -11,6 +11,8 @@ paper's Observation Data Integrity Report).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pydantic
@@ -37,7 +39,7 @@ class Level1QualityConfig(ImageStatisticsConfig):
     min_good_fraction: float = pydantic.Field(0.9, ge=0, le=1, description="L1DQAFLG pass above this good fraction")
 
 
-def reobservation_table(level: xr.Dataset) -> pa.Table:
+def reobservation_table(level: xr.Dataset, tables: Any = None) -> pa.Table:
     """Images of a level whose transient count triggers a re-observation request."""
     need = level["reobserve"].values
     band, obs = np.nonzero(need)

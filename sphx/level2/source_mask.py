@@ -7,9 +7,9 @@ brightness than ``threshold`` times the image's noise and sets the SOURCE bit th
 
 Per image (one Dask task each):
 
-1. **Catalogue.** The ``srccat`` table (the target group's query of the reference
-   catalogue) when given, else ``refcat``; both have the columns of
-   :data:`sphx.simulate.sky.CATALOG_SCHEMA`. Sources are moved to the epoch of the
+1. **Catalogue.** The image's target-group source list put into the cube by
+   ``query_reference_catalog``, else an ``srccat`` or ``refcat`` table; all have the
+   columns of :data:`sphx.simulate.sky.CATALOG_SCHEMA`. Sources are moved to the epoch of the
    image (``mjd_avg``) with linear proper motion along the tangent plane (exact to
    far below a pixel for decades of motion), projected with the image's WCS
    (``wcs_*`` variables), and kept when they lie within ``max_radius`` of the image.
@@ -55,6 +55,7 @@ import xarray as xr
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import flags as _flags
+from ..astrometry.catalog import CATALOG_WAVELENGTHS, F0, catalog_inputs, image_rows, interpolate_flux, sources_in_image
 from ..blocks import apply_blocks
 from ..errors import CalibrationError, StepError
 from ..instrument import Instrument
@@ -62,16 +63,14 @@ from ..kernels.select import median
 from ..levels import SURFACE_BRIGHTNESS, same_unit, squared
 from ..pipeline.step import StepConfig, register_step
 from ..wcs import SIP_ORDER, WCS_VARIABLES, arrays_to_wcs
+from ._frame import calibration_map
 
 __all__ = [
-    "CATALOG_COLUMNS",
-    "CATALOG_WAVELENGTHS",
     "PROFILE_STEP",
     "SR_PER_ARCSEC2",
     "UJY_PER_MJY",
     "SourceMaskConfig",
     "create_source_mask",
-    "interpolate_flux",
     "paint_discs",
     "pixel_solid_angle",
     "psf_envelopes",
@@ -81,14 +80,8 @@ __all__ = [
 SR_PER_ARCSEC2 = (math.pi / (180.0 * 3600.0)) ** 2  # 2.3504430539e-11 sr per arcsec^2
 UJY_PER_MJY = 1e12
 PROFILE_STEP = 0.05  # [pixel] spacing of the tabulated PSF envelope
-CATALOG_WAVELENGTHS = {"flux_1um": 1.0, "flux_2um": 2.0, "flux_3um": 3.0, "flux_4p5um": 4.5}  # [um]
-CATALOG_COLUMNS = ("ra", "dec", "ref_epoch", "pmra", "pmdec", *CATALOG_WAVELENGTHS)
 _TAIL_FRACTION = 0.8  # the power-law tail is fitted between 0.8 and 1 of the stamp radius
 _TAIL_SHALLOWEST_SLOPE = -2.0
-_MAS_TO_RAD = math.pi / (180.0 * 3600.0 * 1000.0)
-_TINY_FLUX = 1e-30  # [uJy] floor under log(flux) for catalogue points at zero
-# columns of the catalogue array shipped to the tasks
-_UX, _UY, _UZ, _RA, _DEC, _EPOCH, _PMRA, _PMDEC, _F0 = range(9)
 
 
 class SourceMaskConfig(StepConfig):
@@ -112,32 +105,6 @@ class SourceMaskConfig(StepConfig):
 def pixel_solid_angle(sapm: Any) -> Any:
     """uJy per pixel for each MJy/sr of surface brightness, from the solid angle [arcsec^2]."""
     return np.asarray(sapm, dtype=np.float64) * SR_PER_ARCSEC2 * UJY_PER_MJY
-
-
-def interpolate_flux(fluxes: np.ndarray, wavelength: np.ndarray) -> np.ndarray:
-    """F_nu at ``wavelength`` from the catalogue's four monochromatic points.
-
-    Parameters
-    ----------
-    fluxes
-        (n, 4) F_nu at 1, 2, 3 and 4.5 um [uJy].
-    wavelength
-        (n,) [um].
-
-    Returns
-    -------
-    numpy.ndarray
-        (n,) [uJy]: linear in log F_nu against log wavelength between the two points
-        around ``wavelength``, the end segments extended outside 1-4.5 um. Points at or
-        below zero count as 1e-30 uJy; NaN points give NaN.
-    """
-    lw = np.log(np.array(list(CATALOG_WAVELENGTHS.values())))
-    lf = np.log(np.maximum(np.asarray(fluxes, dtype=np.float64), _TINY_FLUX))
-    x = np.log(np.asarray(wavelength, dtype=np.float64))
-    seg = np.clip(np.searchsorted(lw, x) - 1, 0, lw.size - 2)
-    t = (x - lw[seg]) / (lw[seg + 1] - lw[seg])
-    rows = np.arange(lf.shape[0])
-    return np.exp(lf[rows, seg] + t * (lf[rows, seg + 1] - lf[rows, seg]))
 
 
 def _pixel_window(oversampling: int) -> np.ndarray:
@@ -334,124 +301,8 @@ def _nearest(x, y, centre_x, centre_y):  # pragma: no cover - compiled
 
 
 # --- one image ---------------------------------------------------------------------------
-def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    a, d = np.deg2rad(ra), np.deg2rad(dec)
-    return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=-1)
-
-
-@numba.njit(nogil=True, cache=True)
-def _near_rows(cat, centre, reach, epoch):  # pragma: no cover - compiled
-    """Rows of the catalogue array within ``reach`` [rad] of ``centre`` once moved to ``epoch``."""
-    cos_reach = math.cos(reach)
-    out = np.empty(cat.shape[0], np.int64)
-    n = 0
-    for r in range(cat.shape[0]):
-        cos_d = cat[r, _UX] * centre[0] + cat[r, _UY] * centre[1] + cat[r, _UZ] * centre[2]
-        if not cos_d >= cos_reach:  # the motion since the catalogue epoch may still bring it in (NaN: never)
-            motion = math.hypot(cat[r, _PMRA], cat[r, _PMDEC]) * abs(epoch - cat[r, _EPOCH]) * _MAS_TO_RAD
-            if not (motion > 0.0 and math.acos(min(cos_d, 1.0)) <= reach + motion):
-                continue
-        out[n] = r
-        n += 1
-    return out[:n]
-
-
-@numba.njit(inline="always")
-def _poly(c, u, v):  # pragma: no cover - compiled
-    """SIP polynomial sum_{p,q} c[p, q] u^p v^q and its derivatives along u and v."""
-    f = du = dv = 0.0
-    up, up_1 = 1.0, 0.0  # u^p and u^(p-1)
-    for p in range(c.shape[0]):
-        vq, vq_1 = 1.0, 0.0
-        for q in range(c.shape[1] - p):
-            f += c[p, q] * up * vq
-            du += p * c[p, q] * up_1 * vq
-            dv += q * c[p, q] * up * vq_1
-            vq, vq_1 = vq * v, vq
-        up, up_1 = up * u, up
-    return f, du, dv
-
-
-@numba.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 is inf, as in numpy
-def _pixels_at_epoch(cat, rows, epoch, crval, cd_inverse, crpix, a, b, ap, bp):  # pragma: no cover - compiled
-    """0-based pixel coordinates of catalogue rows moved to ``epoch`` [Julian year].
-
-    Linear proper motion along the tangent plane at the source, then the gnomonic (TAN)
-    projection about ``crval`` [deg], the inverse CD matrix, and the SIP distortion
-    inverted by Newton's method from the ``ap``/``bp`` first guess (to 1e-6 pixel).
-    NaN for sources on the far hemisphere.
-    """
-    a0, d0 = math.radians(crval[0]), math.radians(crval[1])
-    centre = (math.cos(d0) * math.cos(a0), math.cos(d0) * math.sin(a0), math.sin(d0))
-    east0 = (-math.sin(a0), math.cos(a0), 0.0)
-    north0 = (-math.sin(d0) * math.cos(a0), -math.sin(d0) * math.sin(a0), math.cos(d0))
-    x = np.empty(rows.size)
-    y = np.empty(rows.size)
-    for i in range(rows.size):
-        r = rows[i]
-        sx, sy, sz = cat[r, _UX], cat[r, _UY], cat[r, _UZ]
-        step = (epoch - cat[r, _EPOCH]) * _MAS_TO_RAD
-        if step != 0.0 and (cat[r, _PMRA] != 0.0 or cat[r, _PMDEC] != 0.0):
-            ra, dec = math.radians(cat[r, _RA]), math.radians(cat[r, _DEC])
-            pe, pn = step * cat[r, _PMRA], step * cat[r, _PMDEC]
-            sx += -pe * math.sin(ra) - pn * math.sin(dec) * math.cos(ra)
-            sy += pe * math.cos(ra) - pn * math.sin(dec) * math.sin(ra)
-            sz += pn * math.cos(dec)
-            norm = math.sqrt(sx * sx + sy * sy + sz * sz)
-            sx, sy, sz = sx / norm, sy / norm, sz / norm
-        depth = sx * centre[0] + sy * centre[1] + sz * centre[2]
-        if not depth > 0.0:
-            x[i] = y[i] = np.nan
-            continue
-        xi = math.degrees((sx * east0[0] + sy * east0[1]) / depth)
-        eta = math.degrees((sx * north0[0] + sy * north0[1] + sz * north0[2]) / depth)
-        fu = cd_inverse[0, 0] * xi + cd_inverse[0, 1] * eta
-        fv = cd_inverse[1, 0] * xi + cd_inverse[1, 1] * eta
-        u = fu + _poly(ap, fu, fv)[0]
-        v = fv + _poly(bp, fu, fv)[0]
-        for _ in range(10):
-            fa, fa_u, fa_v = _poly(a, u, v)
-            fb, fb_u, fb_v = _poly(b, u, v)
-            r1, r2 = u + fa - fu, v + fb - fv
-            j11, j12, j21, j22 = 1.0 + fa_u, fa_v, fb_u, 1.0 + fb_v
-            det = j11 * j22 - j12 * j21
-            du, dv = (j22 * r1 - j12 * r2) / det, (j11 * r2 - j21 * r1) / det
-            u, v = u - du, v - dv
-            if abs(du) < 1e-6 and abs(dv) < 1e-6:
-                break
-        x[i] = u + crpix[0] - 1.0
-        y[i] = v + crpix[1] - 1.0
-    return x, y
-
-
-def _sources_in_image(cat: np.ndarray, wcs: Any, x_range: tuple[float, float], y_range: tuple[float, float],
-                      epoch: float, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of the catalogue array near the image, and their pixel labels (x, y) at ``epoch``.
-
-    ``x_range``, ``y_range`` are the first and last pixel labels of the image; sources
-    within ``margin`` pixels of it are kept. ``wcs`` is a TAN or TAN-SIP WCS as built by
-    :func:`sphx.wcs.arrays_to_wcs`.
-    """
-    (xa, xb), (ya, yb) = x_range, y_range
-    ra, dec = wcs.all_pix2world(np.array([(xa + xb) / 2, xa, xb, xa, xb]),
-                                np.array([(ya + yb) / 2, ya, ya, yb, yb]), 0)
-    u = _unit_vectors(ra, dec)
-    corner = float(np.arccos(np.clip(u[1:] @ u[0], -1.0, 1.0)).max())
-    scale = math.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * math.pi / 180.0  # [rad / pixel]
-    near = _near_rows(cat, u[0], min(corner + (margin + 2.0) * scale, math.pi), epoch)
-    order = SIP_ORDER + 1
-    sip = wcs.sip
-    a, b, ap, bp = (np.zeros((order, order)) if sip is None or getattr(sip, k) is None else
-                    np.ascontiguousarray(getattr(sip, k), dtype=np.float64) for k in ("a", "b", "ap", "bp"))
-    x, y = _pixels_at_epoch(cat, near, epoch, wcs.wcs.crval, np.linalg.inv(wcs.wcs.get_pc() * wcs.wcs.cdelt[:, None]),
-                            wcs.wcs.crpix, a, b, ap, bp)
-    keep = (np.isfinite(x) & np.isfinite(y) & (x >= xa - 0.5 - margin) & (x <= xb + 0.5 + margin)
-            & (y >= ya - 0.5 - margin) & (y <= yb + 0.5 + margin))
-    return near[keep], x[keep], y[keep]
-
-
 def _mask_image(flags, variance, cwave, sapm, envelopes, zone_x, zone_y, crpix, crval, cd,
-                sip_a, sip_b, sip_ap, sip_bp, epoch, band, obs, cat, *, x0: int, y0: int, threshold: float,
+                sip_a, sip_b, sip_ap, sip_bp, epoch, band, obs, rows, cat, *, x0: int, y0: int, threshold: float,
                 min_radius: float, max_radius: float) -> tuple[np.ndarray, float]:
     """New FLAGS and flagged fraction of one image whose pixel (0, 0) has labels ``x0, y0``."""
     if not np.all(np.isfinite(crval)):
@@ -463,14 +314,15 @@ def _mask_image(flags, variance, cwave, sapm, envelopes, zone_x, zone_y, crpix, 
     median_variance, out = _noise_and_cleared(variance, flags, np.uint32(int(_flags.DEFAULT_BAD)), source)
     sigma = math.sqrt(median_variance)
     painted = 0
+    cat = image_rows(cat, rows)
     if cat.shape[0]:  # NaN rows (no position) never pass the selection
-        rows, x, y = _sources_in_image(cat, wcs, (x0, x0 + nx - 1), (y0, y0 + ny - 1), float(epoch), max_radius)
+        rows, x, y = sources_in_image(cat, wcs, (x0, x0 + nx - 1), (y0, y0 + ny - 1), float(epoch), max_radius)
         xi = np.clip(np.rint(x - x0), 0, nx - 1).astype(np.int64)
         yi = np.clip(np.rint(y - y0), 0, ny - 1).astype(np.int64)
         lam = cwave[yi, xi].astype(np.float64)
         if not np.all(np.isfinite(lam)):  # a pixel without a wavelength: the image's typical one
             lam = np.where(np.isfinite(lam), lam, np.nanmedian(cwave))
-        flux = interpolate_flux(cat[rows, _F0:_F0 + len(CATALOG_WAVELENGTHS)], lam)  # [uJy]
+        flux = interpolate_flux(cat[rows, F0:F0 + len(CATALOG_WAVELENGTHS)], lam)  # [uJy]
         omega = pixel_solid_angle(sapm[yi, xi])  # [uJy per MJy/sr]
         with np.errstate(divide="ignore", invalid="ignore"):
             level = threshold * sigma * omega / flux  # fraction of the flux per pixel at the threshold
@@ -482,7 +334,7 @@ def _mask_image(flags, variance, cwave, sapm, envelopes, zone_x, zone_y, crpix, 
 
 def _mask_stack(flags, variance, *args, **options: Any) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_mask_image` over the leading (band, obs) axes of a block."""
-    core = (2, 2, 2, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 0, 2)  # core ndim of every input
+    core = (2, 2, 2, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 0, 1, 2)  # core ndim of every input
     inputs = (flags, variance, *args)
     loop = np.broadcast_shapes(*(a.shape[:a.ndim - k] for a, k in zip(inputs, core, strict=True)))
     inputs = [np.broadcast_to(a, loop + a.shape[a.ndim - k:]) for a, k in zip(inputs, core, strict=True)]
@@ -494,52 +346,6 @@ def _mask_stack(flags, variance, *args, **options: Any) -> tuple[np.ndarray, np.
 
 
 # --- the step ------------------------------------------------------------------------------
-def _catalog(tables: Mapping[str, Any]) -> np.ndarray:
-    """The catalogue as a (n, 12) float64 array: unit vector, ra, dec, epoch, pm, fluxes."""
-    name = next((t for t in ("srccat", "refcat") if tables.get(t) is not None), None)
-    if name is None:
-        raise StepError("step 'create_source_mask' needs a source catalogue: pass tables={'srccat': ...} "
-                        "(from Query Reference Catalog) or tables={'refcat': ...}")
-    table = tables[name]
-    names = list(getattr(table, "column_names", None) or table.keys())
-    missing = [c for c in CATALOG_COLUMNS if c not in names]
-    if missing:
-        raise StepError(f"table {name!r} lacks the column(s) {missing}; the source mask needs {list(CATALOG_COLUMNS)}")
-
-    def column(c: str) -> np.ndarray:
-        col = table.column(c) if hasattr(table, "column") else table[c]
-        col = col.to_numpy(zero_copy_only=False) if hasattr(col, "to_numpy") else col
-        return np.asarray(col, dtype=np.float64).reshape(-1)
-
-    ra, dec = column("ra"), column("dec")
-    epoch, pmra, pmdec = column("ref_epoch"), column("pmra"), column("pmdec")
-    # sources without a full astrometric solution (NaN motion or epoch) stay where listed
-    still = ~(np.isfinite(epoch) & np.isfinite(pmra) & np.isfinite(pmdec))
-    epoch, pmra, pmdec = np.where(still, 2000.0, epoch), np.where(still, 0.0, pmra), np.where(still, 0.0, pmdec)
-    out = np.column_stack([_unit_vectors(ra, dec), ra, dec, epoch, pmra, pmdec,
-                           *(column(c) for c in CATALOG_WAVELENGTHS)])
-    if not len(out):
-        # dask cannot chunk an empty core dimension; a NaN row lies nowhere on the sky
-        out = np.full((1, out.shape[1]), np.nan)
-    return out
-
-
-def _calibration_map(calib: Mapping[str, xr.Dataset], product: str, var: str, ds: xr.Dataset) -> xr.DataArray:
-    p = calib[product]
-    if var not in p:
-        raise CalibrationError(f"calibration product {product!r} has no variable {var}")
-    missing = sorted(set(ds["band"].values.tolist()) - set(p["band"].values.tolist()))
-    if missing:
-        raise CalibrationError(f"calibration product {product!r} has no band(s) {missing}")
-    try:
-        out = p[var].sel(band=ds["band"].values, y=ds["y"].values, x=ds["x"].values)
-    except KeyError:
-        raise CalibrationError(
-            f"calibration product {product!r} does not cover the cube's active pixels "
-            f"y {int(ds['y'][0])}..{int(ds['y'][-1])}, x {int(ds['x'][0])}..{int(ds['x'][-1])}") from None
-    return out.chunk({"band": 1, "y": -1, "x": -1})
-
-
 @register_step(
     "create_source_mask",
     module="Create Source Mask",
@@ -573,7 +379,9 @@ def create_source_mask(
     config
         :class:`SourceMaskConfig`.
     tables
-        ``srccat`` (preferred) or ``refcat``, with the columns :data:`CATALOG_COLUMNS`
+        Used when the cube holds no source lists (from ``query_reference_catalog``):
+        ``srccat`` or ``refcat``, with the columns
+        :data:`~sphx.astrometry.catalog.CATALOG_COLUMNS`
         (positions [deg] at ``ref_epoch`` [Julian year], proper motions [mas / yr],
         F_nu [uJy]). Sources with a NaN proper motion or epoch stay where listed; an
         empty ``srccat`` flags nothing.
@@ -594,7 +402,7 @@ def create_source_mask(
         A product without the cube's bands or pixels, or an ``average_psf`` without
         its zone centres or oversampling.
     """
-    cat = _catalog(tables)
+    catalog, rows = catalog_inputs(ds, tables, step="create_source_mask")
     x, y = ds["x"].values, ds["y"].values
     if x.min() < 0 or y.min() < 0 or x.max() >= instrument.n_active or y.max() >= instrument.n_active:
         raise StepError("create_source_mask works on the active frame (x, y in 0.."
@@ -654,17 +462,16 @@ def create_source_mask(
     epoch = (2000.0 + (ds["mjd_avg"].variable - 51544.5) / 365.25).chunk({"obs": 1})  # Julian year
     band = xr.Variable("band", ds["band"].values).chunk({"band": 1})
     obs = xr.Variable("obs", ds["obs"].values).chunk({"obs": 1})
-    catalog = xr.Variable(("catalog_source", "catalog_field"), cat).chunk(-1)
 
     new_flags, fraction = apply_blocks(
         _mask_stack,
         flags_in, variance,
-        _calibration_map(calib, "spectral_wcs", "CWAVE", ds),
-        _calibration_map(calib, "solid_angle_pixel_map", "SAPM", ds),
-        envelopes, zone_x, zone_y, *wcs_in, epoch, band, obs, catalog,
+        calibration_map(calib, "spectral_wcs", "CWAVE", ds),
+        calibration_map(calib, "solid_angle_pixel_map", "SAPM", ds),
+        envelopes, zone_x, zone_y, *wcs_in, epoch, band, obs, rows, catalog,
         input_core_dims=[["y", "x"]] * 4 + [["zone", "psf_radius"], ["zone"], ["zone"], ["wcs_axis"], ["wcs_axis"],
                                             ["wcs_axis", "wcs_pix"]] + [["sip_p", "sip_q"]] * 4
-        + [[], [], [], ["catalog_source", "catalog_field"]],
+        + [[], [], [], ["srccat_bound"], ["catalog_source", "catalog_field"]],
         output_core_dims=[["y", "x"], []],
         kwargs={"x0": int(x[0]), "y0": int(y[0]), "threshold": config.threshold, "min_radius": config.min_radius,
                 "max_radius": config.max_radius},

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import xarray as xr
 
 from .._progress import ProgressSpec
@@ -52,11 +53,11 @@ def format_plan(plan: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _read_tables(repo: Repository, stage: Stage) -> dict[str, pa.Table]:
-    """The repository tables the stage's steps read (optional ones when present)."""
-    wanted = {name for use in stage.steps for name in use.step.tables}
+def _open_tables(repo: Repository, stage: Stage) -> dict[str, pads.Dataset]:
+    """The repository tables the stage's steps read (optional ones when present), unread."""
+    wanted = {name for use in stage.steps for name in (*use.step.tables, *use.step.reports)}
     held = set(repo.tables())
-    return {name: repo.read_table(name) for name in sorted(wanted & held)}
+    return {name: repo.open_table(name) for name in sorted(wanted & held)}
 
 
 def _previous_state(repo: Repository, name: str, ds: xr.Dataset) -> tuple[xr.Dataset | None, int | None]:
@@ -80,18 +81,26 @@ def _drop_unused_coords(ds: xr.Dataset) -> xr.Dataset:
                         + [n for n in ds.indexes if n not in used])
 
 
-def _write_reports(repo: Repository, stage: Stage, ds: xr.Dataset, say: Callable[[str], None]) -> None:
-    """Tables the stage's steps derive from the written level, keyed by the batch's first and last obs."""
+def _write_pieces(repo: Repository, name: str, pieces: Mapping[str, pa.Table], provenance: Mapping[str, Any],
+                  say: Callable[[str], None]) -> None:
+    for key, table in pieces.items():
+        repo.write_table(name, table, key=key, provenance=provenance)
+    say(f"  table {name}: {sum(t.num_rows for t in pieces.values())} row(s) in {len(pieces)} piece(s)")
+
+
+def _write_reports(repo: Repository, stage: Stage, ds: xr.Dataset, tables: Mapping[str, Any],
+                   say: Callable[[str], None]) -> None:
+    """Tables the stage's steps derive from the written level (keyed by the batch's first and last obs,
+    or by the reporter's own keys)."""
     reporters = {name: fn for use in stage.steps for name, fn in use.step.reports.items()}
     if not reporters:
         return
     ids = [str(o) for o in ds["obsid"].values]
     level = repo.open_level(stage.output, obs=ids)
     for name, fn in reporters.items():
-        table = fn(level)
-        repo.write_table(name, table, key=f"{stage.output}_{ids[0]}_{ids[-1]}",
-                         provenance={"stage": stage.name, "level": stage.output})
-        say(f"  table {name}: {table.num_rows} row(s)")
+        table = fn(level, tables)
+        pieces = table if isinstance(table, Mapping) else {f"{stage.output}_{ids[0]}_{ids[-1]}": table}
+        _write_pieces(repo, name, pieces, {"stage": stage.name, "level": stage.output}, say)
 
 
 def run_recipe(
@@ -149,7 +158,7 @@ def run_recipe(
                 say(f"  no complete observations of {stage.input!r} match the selection; nothing to do")
                 continue
             calibrations: dict[str, int] = {}
-            tables = _read_tables(repo, stage)
+            tables = _open_tables(repo, stage)
             states: list[tuple[str, xr.Dataset, int | None]] = []
             for use, used in zip(stage.steps, stage_plan["steps"], strict=True):
                 calib = {name: repo.open_calibration(name, version) for name, version in used["calibrations"].items()}
@@ -161,6 +170,11 @@ def run_recipe(
                 if step.state:
                     states.append((step.state, ds[list(step.state_variables)], version))
                     ds = _drop_unused_coords(ds.drop_vars(list(step.state_variables)))
+            made: list[tuple[str, Mapping[str, pa.Table]]] = []
+            for use in stage.steps:
+                for name, split in use.step.makes_tables.items():
+                    ds, pieces = split(ds)
+                    made.append((name, pieces))
             provenance = {
                 "recipe": recipe.identity(),
                 "stage": stage.name,
@@ -178,6 +192,8 @@ def run_recipe(
             for p in pending:
                 say(f"  state {p.name} v{p.commit()}")
             say(f"  {report.writes[-1]}")
-            _write_reports(repo, stage, ds, say)
+            for name, pieces in made:
+                _write_pieces(repo, name, pieces, {"stage": stage.name, "level": stage.output}, say)
+            _write_reports(repo, stage, ds, tables, say)
     report.elapsed = time.monotonic() - t0
     return report

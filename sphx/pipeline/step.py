@@ -50,6 +50,9 @@ _BUILTIN = (
     "sphx.level2.reference_pixels",
     "sphx.level2.bad_pixels",
     "sphx.level2.photometric",
+    "sphx.level2.query_catalog",
+    "sphx.level2.fine_astrometry",
+    "sphx.level2.sso",
     "sphx.level2.source_mask",
     "sphx.level2.outliers",
     "sphx.level2.zodi",
@@ -104,6 +107,13 @@ class Step:
     tables
         Repository tables it reads, each ``True`` when required (``False``: used when
         present); passed to the function as ``tables={name: pyarrow.Table}``.
+    lazy_tables
+        Those of ``tables`` it receives as a ``pyarrow.dataset.Dataset``, to read only
+        the parts it needs (the reference catalogue); the others are read whole.
+    makes_tables
+        Tables it puts into the cube as variables, ``{name: split}`` with
+        ``split(ds) -> (ds without them, {key: pyarrow.Table})``; a runner writes each
+        piece as table ``name`` under its key and drops the variables from the level.
     state
         Name of the scan state it continues (``None`` for none): the function receives the
         previous state as ``state=`` (an ``xarray.Dataset`` or ``None`` at the start)
@@ -112,8 +122,10 @@ class Step:
     state_variables
         The output variables that hold the new state.
     reports
-        Tables derived from the written level, ``{table name: f(level) -> pyarrow.Table}``;
-        a runner writes them after the level.
+        Tables derived from the written level, ``{table name: f(level, tables)}`` with
+        ``tables`` the repository tables the stage reads; ``f`` returns a pyarrow Table,
+        or ``{key: pyarrow.Table}`` for one piece per key. A runner writes them after
+        the level.
     frame
         Pixel frame it works on: ``"raw"`` (reference border present), ``"active"`` or ``"any"``.
     output_frame
@@ -130,9 +142,11 @@ class Step:
     removes: tuple[str, ...] = ()
     calibrations: tuple[str, ...] = ()
     tables: Mapping[str, bool] = field(default_factory=dict)
+    lazy_tables: tuple[str, ...] = ()
+    makes_tables: Mapping[str, Callable[[xr.Dataset], Any]] = field(default_factory=dict)
     state: str | None = None
     state_variables: tuple[str, ...] = ()
-    reports: Mapping[str, Callable[[xr.Dataset], Any]] = field(default_factory=dict)
+    reports: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     frame: Frame = "any"
     output_frame: Frame | None = None
 
@@ -175,7 +189,8 @@ class Step:
         missing = [c for c in self.calibrations if c not in calib]
         if missing:
             raise CalibrationError(f"step {self.name!r} needs calibration product(s) {missing}; pass calib={{...}}")
-        tables = {k: v for k, v in (tables or {}).items() if k in self.tables}
+        tables = {k: v if k in self.lazy_tables or not hasattr(v, "to_table") else v.to_table()
+                  for k, v in (tables or {}).items() if k in self.tables}
         missing = [t for t, required in self.tables.items() if required and t not in tables]
         if missing:
             raise StepError(f"step {self.name!r} needs table(s) {missing}; pass tables={{...}}")
@@ -211,9 +226,11 @@ def register_step(
     removes: tuple[str, ...] = (),
     calibrations: tuple[str, ...] = (),
     tables: Mapping[str, bool] | None = None,
+    lazy_tables: tuple[str, ...] = (),
+    makes_tables: Mapping[str, Callable[[xr.Dataset], Any]] | None = None,
     state: str | None = None,
     state_variables: tuple[str, ...] = (),
-    reports: Mapping[str, Callable[[xr.Dataset], Any]] | None = None,
+    reports: Mapping[str, Callable[..., Any]] | None = None,
     frame: Frame = "any",
     output_frame: Frame | None = None,
 ) -> Callable[[Callable[..., xr.Dataset]], Callable[..., xr.Dataset]]:
@@ -221,7 +238,8 @@ def register_step(
 
     def decorate(func: Callable[..., xr.Dataset]) -> Callable[..., xr.Dataset]:
         step = Step(name, module, func, config, dict(reads or {}), dict(writes or {}), dict(converts or {}),
-                    tuple(removes), tuple(calibrations), dict(tables or {}), state, tuple(state_variables),
+                    tuple(removes), tuple(calibrations), dict(tables or {}), tuple(lazy_tables),
+                    dict(makes_tables or {}), state, tuple(state_variables),
                     dict(reports or {}), frame, output_frame)
         if name in _REGISTRY and _REGISTRY[name].func.__qualname__ != func.__qualname__:
             raise ValueError(f"step name {name!r} is already registered by {_REGISTRY[name].func.__module__}")

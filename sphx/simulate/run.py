@@ -39,12 +39,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..catalog.layout import prepare_piece
 from ..errors import SimulationError
 from ..io import Repository, open_repository
 from .config import SimulationConfig
 from .products import calibration_products, detector_truth
 from .simulator import TRUTH_LEVEL, ImageResult, Simulator, raw_cube, truth_cube
 from .sky import CATALOG_NSIDE
+from .sso import sso_elements
 
 __all__ = ["SimulationReport", "simulate_survey"]
 
@@ -117,6 +119,7 @@ def simulate_survey(
     del products  # hundreds of MB on the real geometry
     repo.write_state("simulation_truth", detector_truth(sim), provenance=source)
     repo.write_table("survey_plan", sim.plan.to_table(), key="plan", provenance=source)
+    repo.write_table("sso_elements", sso_elements(sim), key="elements", provenance=source)
 
     inst = sim.instrument
     per_exposure_bytes = len(sim.bands) * (inst.n_raw**2 * 8 + inst.n_active**2 * 16)
@@ -137,7 +140,9 @@ def simulate_survey(
                 table = pa.concat_tables([_table(obsid, b, getattr(im[b], attr)) for b in sim.bands])
                 repo.write_table(name, table, key=obsid, provenance=source)
         for pixel, table in catalog:
-            repo.write_table("refcat", table, key=f"hpx{pixel}", partition={f"healpix{CATALOG_NSIDE}": pixel},
+            # Sorted by a fine HEALPix index in bounded row groups, for statistics pruning.
+            piece = prepare_piece(table, nside=CATALOG_NSIDE, pixel=pixel)
+            repo.write_table("refcat", piece, key=f"hpx{pixel}", partition={f"healpix{CATALOG_NSIDE}": pixel},
                              provenance=source)
         say(f"  exposures {sim.plan.obsid[idx[0]]} .. {sim.plan.obsid[idx[-1]]} written")
         report.seconds_writing.extend([(time.perf_counter() - t1) / len(batch_)] * len(batch_))

@@ -36,7 +36,9 @@ from astropy.wcs import WCS
 from scipy.interpolate import CubicSpline
 
 from .. import flags as _flags
+from ..catalog.motion import propagate
 from ..cube import make_cube
+from ..ephemeris import julian_year, observer_barycentric
 from ..errors import SimulationError
 from ..instrument import Instrument
 from ..kernels import persistence
@@ -50,7 +52,7 @@ from .config import SimulationConfig, load_config
 from .detector import Detector, make_detector
 from .optics import FocalPlane, focal_plane, psf_sigmas, render_point_sources, solid_angle_map, spectral_maps
 from .readout import add_ramp_noise, expose, read_out
-from .sky import catalog_for_pixels, pixels_in_footprint, propagate, sed_flux
+from .sky import catalog_for_pixels, pixels_in_footprint, sed_flux
 from .survey import OBLIQUITY, SurveyPlan, equatorial_to_ecliptic, plan_survey
 
 __all__ = ["TRUTH_LEVEL", "ImageResult", "Simulator"]
@@ -72,10 +74,6 @@ def _ecliptic_vector(v: np.ndarray) -> np.ndarray:
 def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     r, d = np.deg2rad(ra), np.deg2rad(dec)
     return np.stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)], axis=-1)
-
-
-def _julian_year(mjd: float) -> float:
-    return 2000.0 + (mjd - 51544.5) / 365.25
 
 
 @dataclass
@@ -289,8 +287,12 @@ class Simulator:
             return image, empty
         near = cat["_xyz"] @ _unit(np.array(ra_c), np.array(dec_c)) > math.cos(math.radians(self._radius))
         cat = {k: v[near] for k, v in cat.items()}
-        ra, dec = propagate(cat["ra"], cat["dec"], cat["pmra"], cat["pmdec"], ref_epoch=cat["ref_epoch"],
-                            epoch=_julian_year(self.plan.mjd_avg[j]))
+        # Stars are seen from the spacecraft at mid-exposure: proper motion to the epoch
+        # and the annual (plus spacecraft) parallax of the catalogue's barycentric positions.
+        mjd = float(self.plan.mjd_avg[j])
+        observer = observer_barycentric(mjd, self.plan.sc_position[j, 1])
+        ra, dec = propagate(cat["ra"], cat["dec"], cat["pmra"], cat["pmdec"], cat["parallax"],
+                            ref_epoch=cat["ref_epoch"], epoch=julian_year(mjd), observer=observer)
         x, y = wcs.all_world2pix(ra, dec, 0)
         margin = 8
         keep = (x > -margin) & (x < n - 1 + margin) & (y > -margin) & (y < n - 1 + margin)

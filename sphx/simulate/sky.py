@@ -17,7 +17,10 @@ Populations (densities are per square degree brighter than ``mag_limit`` at 1.6 
   times ``exp(-tau(lambda))`` with Gaussian optical-depth profiles of H2O (3.05 um, FWHM
   0.30 um), CO2 (4.27 um, FWHM 0.020 um) and CO (4.67 um, FWHM 0.030 um) ice.
   Counts ``dN/dm ~ 10^(0.3 m)``. Proper motions: 3 mas/yr per component, and 2 % of the
-  stars with 20-2000 mas/yr (log-uniform) in a random direction.
+  stars with 20-2000 mas/yr (log-uniform) in a random direction. Parallaxes
+  ``4.74047 |mu| / v_tan`` [mas] with the tangential velocity ``v_tan`` log-normal about
+  30 km/s (0.2 dex), capped at 800 mas: ~0.5 mas for the bulk, up to hundreds of mas
+  for the fast movers (nearby stars).
 * **Galaxies**, ``galaxy_density`` everywhere (no plane dependence), counts
   ``dN/dm ~ 10^(0.35 m)`` from ``max(mag_bright, 14)``. Redshift from a Gamma
   distribution (shape 2, mean 0.5) truncated at 3. Rest-frame continuum
@@ -29,6 +32,11 @@ Populations (densities are per square degree brighter than ``mag_limit`` at 1.6 
 * **Calibrators**, ``calibrator_density`` everywhere, in addition to the stars: plain
   blackbody stars (no ice, no reddening) with Teff 5000-10000 K and mag 11-15, whose
   spectra are therefore known exactly.
+
+Position uncertainties ``pos_error`` are Gaia-like functions of magnitude:
+``sqrt(0.02^2 + 0.1 10^(0.4 (m - 21)) + 0.9 10^(0.8 (m - 21)))`` mas (0.02 mas bright,
+0.1 mas at 18, 1 mas at 21), three times that (and at least 0.3 mas) for galaxies,
+whose centroids are less sharp.
 
 Every spectrum is normalised so that its monochromatic F_nu at 1.6 um equals the AB
 magnitude ``mag_ab`` (``F_nu = 3631 Jy 10^(-0.4 mag_ab)``). :func:`sed_flux` evaluates
@@ -65,7 +73,6 @@ __all__ = [
     "WAVELENGTH_RANGE",
     "catalog_for_pixels",
     "pixels_in_footprint",
-    "propagate",
     "sed_flux",
 ]
 
@@ -80,12 +87,13 @@ EMISSION_LINES = {"halpha": 0.6563, "pabeta": 1.2818, "paalpha": 1.8751, "bralph
 ICE_FEATURES = {"h2o": (3.05, 0.30), "co2": (4.27, 0.020), "co": (4.67, 0.030)}
 
 _ID_SHIFT = 24  # source_id = pixel * 2**24 + index inside the pixel
+_KM_S_PER_AU_YR = 4.740470463533348  # 1 AU / Julian year [km/s]
+_MAX_PARALLAX = 800.0  # [mas] about the nearest star's (Proxima Centauri: 768 mas)
 _MAX_ORDER = 17  # nside <= 2**17 keeps pixel * 2**24 inside int64
 _FINE_ORDER = 29  # the finest HEALPix order: positions are centres of order-29 pixels
 _STREAM_TAG = 0x534B59  # 'SKY': keeps these random streams apart from other sphx streams
 _STARS, _GALAXIES, _CALIBRATORS = 0, 1, 2  # random stream of each population
 
-_MAS_TO_RAD = math.pi / (180.0 * 3600.0 * 1000.0)
 _C2 = 14387.768775039337  # second radiation constant h c / k [um K]
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _EXT_SLOPE, _EXT_PIVOT = -1.75, 2.2  # near-infrared extinction law A(lambda) / A_K
@@ -133,6 +141,8 @@ CATALOG_SCHEMA = pa.schema(
         _field("ref_epoch", pa.float64(), "yr", "Julian year of ra, dec"),
         _field("pmra", pa.float64(), "mas/yr", "proper motion in right ascension, times cos(dec)"),
         _field("pmdec", pa.float64(), "mas/yr", "proper motion in declination"),
+        _field("parallax", pa.float64(), "mas", "parallax; 0 unknown or none (galaxies)"),
+        _field("pos_error", pa.float32(), "mas", "1-sigma position uncertainty per axis at ref_epoch"),
         _field("kind", pa.int8(), "", "0 star, 1 galaxy"),
         _field("calibrator", pa.bool_(), "", "spectrophotometric calibrator: an exact blackbody star"),
         _field("ice", pa.bool_(), "", "reddened star behind ice absorption"),
@@ -386,51 +396,6 @@ def sed_flux(catalog: pa.Table | Mapping[str, np.ndarray], wavelength, bandwidth
     return _evaluate(_sed_arrays(catalog, rows), wavelength, bandwidth)
 
 
-# --- positions --------------------------------------------------------------------------
-def propagate(ra, dec, pmra, pmdec, *, ref_epoch, epoch) -> tuple[np.ndarray, np.ndarray]:
-    """Positions at another epoch from proper motions, exact on the sphere.
-
-    The unit vector is rotated along the great circle of the proper motion by
-    ``|mu| (epoch - ref_epoch)``, so the result is exact at any separation and
-    declination, poles included (the motion is a uniform rotation; parallax and radial
-    velocity are not modelled).
-
-    Parameters
-    ----------
-    ra, dec : array_like [deg]
-        Positions at ``ref_epoch``.
-    pmra, pmdec : array_like [mas/yr]
-        Proper motion; ``pmra`` includes the cos(dec) factor.
-    ref_epoch, epoch : float or array_like [Julian year]
-        Epoch of the given positions and the epoch wanted; all arguments broadcast.
-
-    Returns
-    -------
-    ra, dec : numpy.ndarray of float64 [deg]
-        ``ra`` in [0, 360). Where the motion is zero the input is returned unchanged.
-    """
-    a, d, mx, my, t0, t1 = np.broadcast_arrays(
-        *(np.asarray(x, dtype=np.float64) for x in (ra, dec, pmra, pmdec, ref_epoch, epoch))
-    )
-    ar, dr = np.radians(a), np.radians(d)
-    ca, sa, cd, sd = np.cos(ar), np.sin(ar), np.cos(dr), np.sin(dr)
-    mu = np.hypot(mx, my)  # [mas/yr]
-    dt = t1 - t0
-    theta = mu * dt * _MAS_TO_RAD  # [rad] angle travelled
-    # sin(theta) / mu, with its limit dt * mas where mu = 0 (no division by zero).
-    scale = np.divide(np.sin(theta), mu, out=np.array(dt * _MAS_TO_RAD, dtype=np.float64), where=mu > 0)
-    ct = np.cos(theta)
-    # r' = r cos(theta) + (pmra * east + pmdec * north) * sin(theta) / mu
-    x = cd * ca * ct + (-sa * mx - sd * ca * my) * scale
-    y = cd * sa * ct + (ca * mx - sd * sa * my) * scale
-    z = sd * ct + cd * my * scale
-    ra_out = np.degrees(np.arctan2(y, x)) % 360.0
-    ra_out = np.where(ra_out >= 360.0, 0.0, ra_out)  # -1e-17 % 360 == 360.0
-    dec_out = np.degrees(np.arctan2(z, np.hypot(x, y)))  # arcsin loses precision at the poles
-    still = theta == 0
-    return np.where(still, a, ra_out), np.where(still, d, dec_out)
-
-
 def _check_nside(nside) -> int:
     """nside as int, or SimulationError."""
     if isinstance(nside, bool) or not isinstance(nside, int | np.integer):
@@ -569,6 +534,24 @@ def _proper_motions(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nd
     return pmra, pmdec
 
 
+def _parallax(rng: np.random.Generator, pmra: np.ndarray, pmdec: np.ndarray) -> np.ndarray:
+    """Star parallaxes [mas] from the proper motions and a tangential velocity.
+
+    ``v_tan = 4.74047 |mu| / parallax`` [km/s] with ``mu`` in mas/yr: drawing ``v_tan``
+    about 30 km/s makes the fast movers the nearby stars. Drawn after every other
+    column of the population so that adding parallaxes left the earlier draws as they were.
+    """
+    v_tan = 30.0 * 10.0 ** rng.normal(0.0, 0.2, pmra.size)  # [km/s]
+    return np.minimum(_KM_S_PER_AU_YR * np.hypot(pmra, pmdec) / v_tan, _MAX_PARALLAX)
+
+
+def _pos_error(mag: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """Gaia-like position uncertainty [mas] against magnitude; galaxies 3x, at least 0.3 mas."""
+    f = 10.0 ** (0.4 * (np.asarray(mag, dtype=np.float64) - 21.0))  # flux relative to mag 21
+    star = np.sqrt(0.02**2 + 0.1 * f + 0.9 * f * f)  # photon- then background-limited
+    return np.where(kind == 1, np.maximum(3.0 * star, 0.3), star)
+
+
 def _radec(vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ICRS ra, dec [deg] of unit vectors of shape (3, n)."""
     x, y, z = vec
@@ -580,7 +563,8 @@ def _empty_columns(n: int) -> dict[str, np.ndarray]:
     """Defaults of the per-population columns (NaN where not applicable)."""
     nan = np.full(n, np.nan)
     cols = {
-        "pmra": np.zeros(n), "pmdec": np.zeros(n), "calibrator": np.zeros(n, bool), "ice": np.zeros(n, bool),
+        "pmra": np.zeros(n), "pmdec": np.zeros(n), "parallax": np.zeros(n),
+        "calibrator": np.zeros(n, bool), "ice": np.zeros(n, bool),
         "teff": nan, "redshift": nan, "pop_temp": nan, "pl_frac": nan, "pl_slope": nan, "a_k": np.zeros(n),
     }
     for f in (*_EW_FIELDS, *_TAU_FIELDS):
@@ -615,6 +599,7 @@ def _stars(rng: np.random.Generator, nside: int, pixel: int, area: float, p: _Sk
     c["tau_h2o"] = np.where(ice, tau, 0.0)
     c["tau_co2"] = np.where(ice, tau * rng.uniform(0.8, 2.5, n), 0.0)
     c["tau_co"] = np.where(ice, tau * rng.uniform(0.1, 1.0, n), 0.0)
+    c["parallax"] = _parallax(rng, c["pmra"], c["pmdec"])
     return c
 
 
@@ -656,6 +641,7 @@ def _calibrators(rng: np.random.Generator, nside: int, pixel: int, area: float, 
     c["mag_ab"] = _power_law_mags(rng, n, 0.3, 11.0, 15.0)
     c["teff"] = rng.uniform(5000.0, 10000.0, n)
     c["pmra"], c["pmdec"] = _proper_motions(rng, n)
+    c["parallax"] = _parallax(rng, c["pmra"], c["pmdec"])
     return c
 
 
@@ -684,6 +670,7 @@ def _pixel_columns(seed: int, nside: int, pixel: int, p: _SkyParams) -> dict[str
         if field.name in parts[0]:
             dtype = field.type.to_pandas_dtype()
             cols[field.name] = np.concatenate([part[field.name] for part in parts]).astype(dtype)
+    cols["pos_error"] = _pos_error(cols["mag_ab"], cols["kind"]).astype(np.float32)
     # Reference fluxes from the stored (float32) parameters, so that they equal
     # sed_flux of the table itself.
     sed = _sed_arrays(cols, None)
