@@ -129,7 +129,7 @@ def test_rotation_fit_matches_scipy_procrustes():
     theta = 0.3
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     xi = q @ rot.T + [0.5, -0.2] + rng.normal(0, 1e-3, (50, 2))
-    got, s, t, _ = fit_rotation(q, xi, np.ones(50))
+    got, s, t = fit_rotation(q, xi, np.ones(50))
     r, _ = orthogonal_procrustes(q - q.mean(0), xi - xi.mean(0))  # q R ~ xi: R = rot.T
     assert abs(got - np.arctan2(r[0, 1], r[0, 0])) < 1e-12 and abs(got - theta) < 1e-3
     assert s == 1.0 and np.allclose(t, [0.5, -0.2], atol=1e-3)

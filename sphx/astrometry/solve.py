@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from ..wcs import arrays_to_wcs
 from .catalog import (
@@ -43,6 +44,7 @@ from .catalog import (
     UX,
     UZ,
     interpolate_flux,
+    pixels_at_epoch,
     sources_in_image,
 )
 from .centroid import FLUX, FLUX_ERROR, OK, STATUS, X_ERROR, Y_ERROR, X, Y, find_peaks, fit_centroids
@@ -106,13 +108,6 @@ def _sip(c: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
-def _intermediate(x: np.ndarray, y: np.ndarray, crpix: np.ndarray, cd: np.ndarray, a: np.ndarray,
-                  b: np.ndarray) -> np.ndarray:
-    """Intermediate world coordinates (n, 2) [deg] of 0-based pixels: SIP, then CD."""
-    u, v = x + 1.0 - crpix[0], y + 1.0 - crpix[1]
-    return np.column_stack([u + _sip(a, u, v), v + _sip(b, u, v)]) @ cd.T
-
-
 def _frame(crval: np.ndarray) -> np.ndarray:
     """Rows: the tangent point and the east and north directions there."""
     a, d = np.deg2rad(crval)
@@ -148,8 +143,12 @@ def _unit_at_epoch(cat: np.ndarray, epoch: float) -> np.ndarray:
     return u / np.linalg.norm(u, axis=1, keepdims=True)
 
 
+def _rotation(theta: float, s: float = 1.0) -> np.ndarray:
+    return s * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+
+
 def fit_rotation(q: np.ndarray, xi: np.ndarray, weights: np.ndarray, *, scale: bool = False
-                 ) -> tuple[float, float, np.ndarray, np.ndarray]:
+                 ) -> tuple[float, float, np.ndarray]:
     """Weighted least-squares ``xi = s R(theta) q + t`` in the plane (closed form).
 
     Parameters
@@ -168,9 +167,6 @@ def fit_rotation(q: np.ndarray, xi: np.ndarray, weights: np.ndarray, *, scale: b
     s : float
     t : numpy.ndarray
         (2,) shift.
-    cov : numpy.ndarray
-        (3, 3) covariance of (t_x, t_y, theta) about the weighted centre of ``q``, for
-        unit-variance-weighted data (scale it by the reduced chi-square).
     """
     w = weights / weights.sum()
     qm, xm = w @ q, w @ xi
@@ -179,11 +175,7 @@ def fit_rotation(q: np.ndarray, xi: np.ndarray, weights: np.ndarray, *, scale: b
     s_ = np.sum(w * (dq[:, 0] * dx[:, 1] - dq[:, 1] * dx[:, 0]))
     theta = math.atan2(s_, c)
     s = math.hypot(c, s_) / np.sum(w * (dq**2).sum(axis=1)) if scale else 1.0
-    rot = s * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    t = xm - rot @ qm
-    moment = np.sum(weights * (dq**2).sum(axis=1))
-    cov = np.diag([1.0 / weights.sum(), 1.0 / weights.sum(), 1.0 / moment])
-    return theta, s, t, cov
+    return theta, s, xm - _rotation(theta, s) @ qm
 
 
 @dataclass
@@ -202,9 +194,8 @@ def _refit(sol: _Solution, q_pixel: np.ndarray, u: np.ndarray, weights: np.ndarr
     for _ in range(6):
         q = q_pixel @ sol.cd.T
         xi = _gnomonic(u, sol.crval)
-        theta, s, t, _ = fit_rotation(q, xi, weights, scale=scale)
-        rot = s * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-        sol = _Solution(_deproject(t, sol.crval), rot @ sol.cd)
+        theta, s, t = fit_rotation(q, xi, weights, scale=scale)
+        sol = _Solution(_deproject(t, sol.crval), _rotation(theta, s) @ sol.cd)
         if np.hypot(*t) * 3600.0 < 1e-6 and abs(theta) < 1e-12:
             break
     return sol
@@ -223,8 +214,6 @@ def _pre_cd(x: np.ndarray, y: np.ndarray, crpix: np.ndarray, a: np.ndarray, b: n
 def _isolated(x: np.ndarray, y: np.ndarray, flux: np.ndarray, candidates: np.ndarray, radius: float,
               ratio: float) -> np.ndarray:
     """Whether no other source within ``radius`` of each candidate has ``ratio`` x its flux."""
-    from scipy.spatial import cKDTree
-
     tree = cKDTree(np.column_stack([x, y]))
     near = tree.query_ball_point(np.column_stack([x[candidates], y[candidates]]), radius)
     out = np.ones(candidates.size, bool)
@@ -274,7 +263,7 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
     """
     o = options
     crpix, crval, cd = (np.asarray(v, dtype=np.float64) for v in (crpix, crval, cd))
-    a, b = np.asarray(sip_a, dtype=np.float64), np.asarray(sip_b, dtype=np.float64)
+    a, b, ap, bp = (np.ascontiguousarray(v, dtype=np.float64) for v in (sip_a, sip_b, sip_ap, sip_bp))
     coarse = _Solution(crval.copy(), cd.copy())
     diag = np.array([0, np.nan, np.nan, 0, 0, np.nan, np.nan, np.nan])
 
@@ -323,8 +312,8 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
         return fail(NO_PATTERN)
     diag[4] = len(match.pairs)
     det, ref = match.pairs[:, 0], bright[match.pairs[:, 1]]
-    u_all = _unit_at_epoch(cat, epoch)
-    sol = _refit(coarse, _pre_cd(dx[det], dy[det], crpix, a, b), u_all[ref], np.ones(det.size), scale=False)
+    sol = _refit(coarse, _pre_cd(dx[det], dy[det], crpix, a, b), _unit_at_epoch(cat[ref], epoch), np.ones(det.size),
+                 scale=False)
 
     # 2. refinement on the astrometric calibrators
     err = cat[:, POS_ERROR]
@@ -337,13 +326,12 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
     candidates = candidates[:o.max_calibrators]
     if candidates.size < o.min_matches:
         return fail(FEW_MATCHES)
-    u_cal = u_all[candidates]
+    u_cal = _unit_at_epoch(cat[candidates], epoch)
     sat = np.uint32(o.saturated)
     keep = np.zeros(0, np.int64)
     measured = None
     for _ in range(3):  # measure, fit and clip; measure again if the prediction moved
-        wcs_now = arrays_to_wcs(crpix, sol.crval, sol.cd, sip_a, sip_b, sip_ap, sip_bp)
-        pred_x, pred_y = _project(wcs_now, u_cal)
+        pred_x, pred_y = pixels_at_epoch(cat, candidates, epoch, sol.crval, np.linalg.inv(sol.cd), crpix, a, b, ap, bp)
         if measured is not None and np.nanmax(np.hypot(pred_x - measured[0], pred_y - measured[1])) < 0.2:
             break
         measured = (pred_x, pred_y)
@@ -400,12 +388,6 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
     if bits:
         return coarse.crval, coarse.cd, diag
     return sol.crval, sol.cd, diag
-
-
-def _project(wcs, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ra = np.degrees(np.arctan2(u[:, 1], u[:, 0])) % 360.0
-    dec = np.degrees(np.arcsin(np.clip(u[:, 2], -1.0, 1.0)))
-    return wcs.all_world2pix(ra, dec, 0, tolerance=1e-6)
 
 
 def _separation(a: tuple[float, float], b: tuple[float, float]) -> float:

@@ -77,13 +77,27 @@ def _corners(ds: xr.Dataset, band: int, obs: Any, n: int) -> np.ndarray | None:
     return np.column_stack(cube_wcs(ds, band=band, obs=obs).all_pix2world(x, y, 0))
 
 
+def srccat_tables(ds: xr.Dataset) -> tuple[xr.Dataset, dict[str, pa.Table]]:
+    """Split the source lists off a cube: the cube without them and ``{group key: table}``."""
+    names = [v for v in ds.data_vars if SRCCAT_DIM in ds[v].dims]
+    if not names:
+        return ds, {}
+    groups = ds["srccat_group"].values
+    columns = {v[len("srccat_"):]: ds[v].values for v in names if v != "srccat_group"}
+    pieces = {}
+    for key in dict.fromkeys(groups.tolist()):
+        take = groups == key
+        pieces[str(key)] = pa.table({c: v[take] for c, v in columns.items()})
+    return ds.drop_vars([*names, SRCCAT_ROWS]), pieces
+
+
 @register_step(
     "query_reference_catalog",
     module="Query Reference Catalog",
     config=QueryCatalogConfig,
     tables={"refcat": True},
     lazy_tables=("refcat",),
-    makes_tables={"srccat": lambda ds: srccat_tables(ds)},
+    makes_tables={"srccat": srccat_tables},
     frame="active",
 )
 def query_reference_catalog(
@@ -150,17 +164,3 @@ def query_reference_catalog(
     out["srccat_group"] = (SRCCAT_DIM, np.concatenate(keys).astype(str) if keys else np.array([], str))
     out[SRCCAT_ROWS] = (("band", "obs", "srccat_bound"), rows)
     return out
-
-
-def srccat_tables(ds: xr.Dataset) -> tuple[xr.Dataset, dict[str, pa.Table]]:
-    """Split the source lists off a cube: the cube without them and ``{group key: table}``."""
-    names = [v for v in ds.data_vars if SRCCAT_DIM in ds[v].dims]
-    if not names:
-        return ds, {}
-    groups = ds["srccat_group"].values
-    columns = {v[len("srccat_"):]: ds[v].values for v in names if v != "srccat_group"}
-    pieces = {}
-    for key in dict.fromkeys(groups.tolist()):
-        take = groups == key
-        pieces[str(key)] = pa.table({c: v[take] for c, v in columns.items()})
-    return ds.drop_vars([*names, SRCCAT_ROWS]), pieces
