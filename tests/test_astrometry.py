@@ -19,7 +19,7 @@ from scipy.linalg import orthogonal_procrustes
 from sphx import flags as F
 from sphx import open_repository
 from sphx.astrometry.centroid import FIT_FIELDS, find_peaks, fit_centroids
-from sphx.astrometry.pattern import match_patterns
+from sphx.astrometry.pattern import match_offsets, match_patterns
 from sphx.astrometry.solve import FINAST_BITS, describe_finast, fit_rotation
 from sphx.demo import recipe_path
 from sphx.level2.fine_astrometry import estimate_fine_astrometry
@@ -35,6 +35,11 @@ COL = {name: k for k, name in enumerate(FIT_FIELDS)}
 # each of them a few tens of calibrators, as a real image at high latitude has hundreds.
 DENSE = {"instrument": "SPHEREx-small", "seed": 5, "bands": [1, 2, 4], "sky": {"star_density": 15000.0},
          "survey": {"n_exposures": 4, "pointing_error": 3.0, "roll_error": 0.2}}
+# The galactic plane at b = +2: ~10^4 catalogue sources per small detector, the brightest
+# of them saturated, so the image's brightest usable stars are not the catalogue's.
+PLANE = {"instrument": "SPHEREx-small", "seed": 6, "bands": [1, 4],
+         "survey": {"n_exposures": 3, "mode": "deep", "deep_field": [305.0, 40.0], "pointing_error": 3.0,
+                    "roll_error": 0.2}}
 
 
 def _stars(rng, n=400, k=150, sigma=0.4, flux=(1.5, 4.0)):
@@ -123,6 +128,32 @@ def test_pattern_match_recovers_a_large_rotation_and_shift():
     assert match_patterns(zi.real[:3], zi.imag[:3], x, y) is None
 
 
+def test_offset_vote_matches_a_crowded_field_where_triangles_fail():
+    # A plane-like list: 2500 catalogue stars in the flux range of 150 detections, most of
+    # which are not detected (saturation, blends) and some detections have no
+    # counterpart; fluxes scatter, so the brightest neighbours differ between the lists.
+    rng = np.random.default_rng(8)
+    x, y = rng.uniform(-150, 2190, 2500), rng.uniform(-150, 2190, 2500)
+    theta, shift, centre = np.deg2rad(0.35), 90.0 - 60.0j, 1019.5 + 1019.5j
+    z = np.exp(1j * theta) * (x + 1j * y - centre) + centre + shift  # catalogue star -> detector pixel
+    on = np.flatnonzero((z.real > 5) & (z.real < 2035) & (z.imag > 5) & (z.imag < 2035))
+    seen = rng.choice(on, 130, replace=False)
+    zi = z[seen] + 0.3 * (rng.standard_normal(130) + 1j * rng.standard_normal(130))
+    zi = np.concatenate([zi, rng.uniform(0, 2040, 20) + 1j * rng.uniform(0, 2040, 20)])
+    m = match_offsets(zi.real, zi.imag, x, y, centre=(1019.5, 1019.5), radius=150.0, max_rotation=2.0)
+    assert m is not None
+    assert abs(m.rotation + 0.35) < 0.01 and abs(m.scale - 1.0) < 1e-3
+    mapped = m.apply(zi.real[:130], zi.imag[:130])
+    assert np.hypot(mapped[0] - x[seen], mapped[1] - y[seen]).max() < 2.0
+    assert len(m.pairs) >= 125
+    assert match_patterns(zi.real, zi.imag, x, y) is None
+    # unrelated lists, or a shift beyond the search box, find nothing
+    assert match_offsets(rng.uniform(0, 2040, 150), rng.uniform(0, 2040, 150), x, y, centre=(1019.5, 1019.5),
+                         radius=150.0, max_rotation=2.0) is None
+    assert match_offsets(zi.real + 400, zi.imag, x, y, centre=(1019.5, 1019.5), radius=150.0,
+                         max_rotation=2.0) is None
+
+
 def test_rotation_fit_matches_scipy_procrustes():
     rng = np.random.default_rng(6)
     q = rng.normal(0, 1, (50, 2))
@@ -177,6 +208,18 @@ def test_solved_wcs_reproduces_the_truth(dense):
                 np.testing.assert_array_equal(l2["wcs_crval"].sel(band=b, obs=o), l1["wcs_crval"].sel(band=b, obs=o))
                 assert not l2["l2dqa_pass"].sel(band=b, obs=o)
     assert l2["finast"].attrs["long_name"].startswith("FINAST")
+
+
+def test_crowded_galactic_plane_is_solved(tmp_path):
+    repo = simulate_survey(PLANE, tmp_path / "repo").repository
+    run_recipe(recipe_path("l1-l2"), repo, profile="synchronous", progress=False, log=lambda s: None)
+    l2, truth = repo.open_level("l2"), repo.open_level("truth")
+    assert (l2["finast"].values == 0).all(), l2["finast"].values
+    assert (l2["astrometry_nblind"].values >= 20).all()
+    n = repo.instrument.n_active
+    for b in l2["band"].values:
+        for o in l2["obs"].values:
+            assert _rms_error(cube_wcs(l2, band=b, obs=o), cube_wcs(truth, band=b, obs=o), n) < 0.1
 
 
 def test_srccat_pieces_cover_each_target_group(dense):

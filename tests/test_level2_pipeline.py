@@ -271,7 +271,7 @@ def test_bad_inputs_give_clear_errors(survey_path, tmp_path):
         step(l1, calib={"nonlinear_pars": pars.sel(band=[1, 6])})
     with pytest.raises(CalibrationError, match="y must be the active frame"):
         step(l1, calib={"nonlinear_pars": pars.isel(y=slice(0, 100))})
-    with pytest.raises(OrderError, match="starts .* before"):
+    with pytest.raises(OrderError, match=r"starts .* before"):
         late = l1.isel(obs=[0, 1]).assign_coords(mjd_beg=("obs", l1["mjd_beg"].values[[1, 0]]))
         update_persistence(late, calib={"persistence_pars": repo.open_calibration("persistence_pars")})
     with pytest.raises(RecipeError, match="reads table 'survey_plan'"):

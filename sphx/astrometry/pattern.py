@@ -15,6 +15,17 @@ transforms; the transforms agreeing with each other are found by binning their r
 and shift, and each of the best-populated bins is verified by counting how many of all
 the stars it maps onto a catalogue star. Mirror images never match (the orientation of
 each triangle is compared), since the sky is seen with a fixed parity.
+
+Triangles need the two lists to hold mostly the same stars around each star. In crowded
+fields (the galactic plane puts hundreds of thousands of stars on a detector) a star's
+nearest bright neighbours differ between the lists as soon as fluxes scatter a little,
+so :func:`match_offsets` solves the bounded problem instead: with the scale known and the
+rotation and shift limited to what a coarse pointing can get wrong, every (detection,
+star) pair votes for the shift that would make it a match, for each rotation on a grid
+fine enough that no vote misses its bin. The true shift collects one vote per star in
+both lists; wrong pairs spread their votes over the whole search box. This is the
+Hough-transform view of point matching (e.g. Ballard 1981; Stetson's DAOMATCH makes
+the same argument for crowded fields).
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from itertools import combinations
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["PatternMatch", "match_patterns", "similarity_transform"]
+__all__ = ["PatternMatch", "match_offsets", "match_patterns", "similarity_transform"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,98 @@ def match_patterns(
     if not scale_range[0] <= abs(aa) <= scale_range[1]:
         return None
     return PatternMatch(pairs, float(abs(aa)), float(np.angle(aa, deg=True)), (float(bb.real), float(bb.imag)))
+
+
+def match_offsets(
+    x1: np.ndarray,
+    y1: np.ndarray,
+    x2: np.ndarray,
+    y2: np.ndarray,
+    *,
+    centre: tuple[float, float],
+    radius: float,
+    max_rotation: float,
+    tolerance: float = 2.0,
+    min_matches: int = 6,
+    significance: float = 6.0,
+) -> PatternMatch | None:
+    """Find the rotation about ``centre`` and the shift mapping list 1 onto list 2 by voting.
+
+    Parameters
+    ----------
+    x1, y1
+        First star list (the detections) [pixel].
+    x2, y2
+        Second list (catalogue stars in the coarse frame) [pixel].
+    centre
+        Point the rotation turns about (the image centre) [pixel].
+    radius
+        Largest shift searched along each axis [pixel].
+    max_rotation
+        Largest rotation searched [deg].
+    tolerance
+        Largest distance of a mapped star from its counterpart [pixel]; also the size of
+        the vote bins.
+    min_matches
+        Fewest stars a transform must map onto counterparts to be accepted.
+    significance
+        The winning bin must hold this many Poisson sigmas more votes than wrong pairs
+        put in a bin on average.
+
+    Returns
+    -------
+    PatternMatch or None
+        The transform refitted to the stars it maps (its scale is fitted too, and should
+        come out as 1), or None when no shift stands out.
+    """
+    x1, y1, x2, y2 = (np.asarray(a, dtype=np.float64) for a in (x1, y1, x2, y2))
+    if x1.size < 3 or x2.size < 3:
+        return None
+    c = complex(*centre)
+    z1, z2 = x1 + 1j * y1 - c, x2 + 1j * y2 - c
+    reach = np.abs(z1).max()
+    # rotation steps small enough that the farthest star moves less than half a bin
+    step = tolerance / max(reach, tolerance)
+    n = int(np.ceil(np.radians(max_rotation) / step))
+    # candidate pairs once: any rotation in range keeps them within the search box
+    slack = radius * np.sqrt(2.0) + reach * np.radians(max_rotation) + tolerance
+    near = cKDTree(np.column_stack([z2.real, z2.imag])).query_ball_point(np.column_stack([z1.real, z1.imag]), slack)
+    i1 = np.repeat(np.arange(x1.size), [len(h) for h in near])
+    i2 = np.fromiter((j for h in near for j in h), np.int64, count=i1.size)
+    if not i1.size:
+        return None
+    bins = int(np.ceil(2 * radius / tolerance)) + 1
+    best = (-1.0, 0.0, 0j, 0.0)  # (excess, rotation, shift, count)
+    for theta in np.linspace(-1.0, 1.0, 2 * n + 1) * n * step:
+        shift = z2[i2] - z1[i1] * np.exp(1j * theta)
+        ix = np.floor((shift.real + radius) / tolerance).astype(np.int64)
+        iy = np.floor((shift.imag + radius) / tolerance).astype(np.int64)
+        inside = (ix >= 0) & (ix < bins) & (iy >= 0) & (iy < bins)
+        votes = np.bincount(iy[inside] * bins + ix[inside], minlength=bins * bins).reshape(bins, bins)
+        # 2 x 2 box sums, so that a shift on a bin corner is not split four ways
+        box = votes[:-1, :-1] + votes[1:, :-1] + votes[:-1, 1:] + votes[1:, 1:]
+        peak = np.unravel_index(np.argmax(box), box.shape)
+        expected = 4.0 * inside.sum() / votes.size
+        excess = (box[peak] - expected) / np.sqrt(expected + 1.0)
+        if excess > best[0]:
+            centre_bin = complex((peak[1] + 1) * tolerance - radius, (peak[0] + 1) * tolerance - radius)
+            best = (excess, theta, centre_bin, float(box[peak]))
+    excess, theta, shift, count = best
+    if excess < significance or count < min_matches:
+        return None
+    a, b = np.exp(1j * theta), shift
+    tree = cKDTree(np.column_stack([z2.real, z2.imag]))
+    for _ in range(3):  # refit to every star the transform maps within tolerance
+        z = a * z1 + b
+        dist, j = tree.query(np.column_stack([z.real, z.imag]), distance_upper_bound=tolerance)
+        hit = np.isfinite(dist)
+        if hit.sum() < max(min_matches, 3):
+            return None
+        pairs = _unique_pairs(np.flatnonzero(hit), j[hit], dist[hit])
+        a, b = similarity_transform(z1[pairs[:, 0]], z2[pairs[:, 1]])
+    # back to the frame of the inputs: z2 + c = a (z1 + c) + (b + c - a c)
+    b = b + c - a * c
+    return PatternMatch(pairs, float(abs(a)), float(np.angle(a, deg=True)), (float(b.real), float(b.imag)))
 
 
 def _unique_pairs(i1: np.ndarray, i2: np.ndarray, dist: np.ndarray) -> np.ndarray:

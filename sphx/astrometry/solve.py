@@ -4,11 +4,12 @@ The detector distortion (SIP, fixed calibration product) and the pixel scale are
 what the coarse WCS gets wrong is where the detector points and how it is rolled. The
 solution is therefore a rotation and a shift of the tangent plane (optionally a scale):
 
-1. **Blind stage** (the role of astrometry.net in the paper). The brightest peaks of the
-   image are matched to the brightest catalogue stars, projected with the coarse WCS
-   over the image and a ``search_radius`` around it, by similar triangles
-   (:func:`~sphx.astrometry.pattern.match_patterns`): no assumption on the size of the
-   pointing error beyond the lists overlapping.
+1. **Blind stage** (the role of astrometry.net in the paper). The brightest unsaturated
+   stars of the image are matched to the catalogue stars of the same brightness,
+   projected with the coarse WCS over the image and a ``search_radius`` around it: by
+   offset voting within ``search_radius`` and ``max_rotation``
+   (:func:`~sphx.astrometry.pattern.match_offsets`, robust to crowding), else by similar
+   triangles (:func:`~sphx.astrometry.pattern.match_patterns`, no bound on the rotation).
 2. **Refinement** (the role of scamp). Astrometric calibrators are selected as in the
    paper: stars with good catalogue astrometry (``pos_error``), not predicted to
    saturate (no catalogue flux point above ``saturation_flux``), with no catalogued
@@ -48,7 +49,7 @@ from .catalog import (
     sources_in_image,
 )
 from .centroid import FLUX, FLUX_ERROR, OK, STATUS, X_ERROR, Y_ERROR, X, Y, find_peaks, fit_centroids
-from .pattern import match_patterns
+from .pattern import match_offsets, match_patterns
 
 __all__ = ["DIAGNOSTICS", "FINAST_BITS", "SolveOptions", "describe_finast", "fit_rotation", "solve_image"]
 
@@ -75,6 +76,8 @@ class SolveOptions:
     search_radius: float = 15.0  # [arcmin]
     blind_stars: int = 60
     blind_threshold: float = 10.0
+    blind_flux_margin: float = 1.3
+    max_rotation: float = 2.0  # [deg]
     match_radius: float = 2.0  # [pixel]
     min_snr: float = 10.0
     saturation_flux: float = 3e4  # [uJy]
@@ -89,6 +92,11 @@ class SolveOptions:
     max_error: float = 0.1  # [arcsec]
     fit_scale: bool = False
     stamp: int = 3
+
+
+def _ujy_per_pixel(pixel_scale: float) -> float:
+    """[uJy] of one pixel at 1 MJy/sr."""
+    return 1e12 * math.radians(pixel_scale / 3600.0) ** 2
 
 
 def describe_finast(finast: int) -> str:
@@ -212,17 +220,33 @@ def _pre_cd(x: np.ndarray, y: np.ndarray, crpix: np.ndarray, a: np.ndarray, b: n
 
 
 def _isolated(x: np.ndarray, y: np.ndarray, flux: np.ndarray, candidates: np.ndarray, radius: float,
-              ratio: float) -> np.ndarray:
-    """Whether no other source within ``radius`` of each candidate has ``ratio`` x its flux."""
-    tree = cKDTree(np.column_stack([x, y]))
-    near = tree.query_ball_point(np.column_stack([x[candidates], y[candidates]]), radius)
-    out = np.ones(candidates.size, bool)
-    for k, (c, hits) in enumerate(zip(candidates, near, strict=True)):
-        for h in hits:
-            if h != c and not flux[h] < ratio * flux[c]:  # a neighbour with NaN flux is not trusted either
-                out[k] = False
-                break
-    return out
+              ratio: float, wanted: int) -> np.ndarray:
+    """The first ``wanted`` candidates with no other source within ``radius`` of ``ratio`` x their flux.
+
+    Candidates are taken in their order, in batches, so that a crowded field with
+    hundreds of thousands of catalogue stars only checks as many as it needs.
+    """
+    neighbours = 16
+    kept = []
+    n_kept = 0
+    for start in range(0, candidates.size, 4 * wanted):
+        batch = candidates[start:start + 4 * wanted]
+        # only sources that could disqualify someone in the batch (a NaN flux could)
+        relevant = np.flatnonzero(~(flux < ratio * np.nanmin(flux[batch])))
+        tree = cKDTree(np.column_stack([x[relevant], y[relevant]]))
+        dist, near = tree.query(np.column_stack([x[batch], y[batch]]), neighbours + 1, distance_upper_bound=radius)
+        near = np.append(relevant, -1)[near]  # the tree's misses (index len(relevant)) become -1
+        other = np.isfinite(dist) & (near != batch[:, None])
+        brighter = np.zeros(other.shape, bool)
+        # a neighbour with NaN flux is not trusted either
+        brighter[other] = ~(flux[near[other]] < ratio * np.repeat(flux[batch], other.sum(axis=1)))
+        # more neighbours than were looked at: too crowded to be a calibrator
+        ok = ~brighter.any(axis=1) & ~np.isfinite(dist[:, -1])
+        kept.append(batch[ok])
+        n_kept += int(ok.sum())
+        if n_kept >= wanted:
+            break
+    return np.concatenate(kept)[:wanted] if kept else candidates[:0]
 
 
 def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwave: np.ndarray,
@@ -234,8 +258,8 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
     Parameters
     ----------
     image, variance, flags
-        The calibrated image (any surface-brightness unit), its variance and FLAGS, on the
-        active frame (pixel (0, 0) is active pixel x = 0, y = 0).
+        The calibrated image [MJy/sr] (measured fluxes select the catalogue stars of the
+        blind stage), its variance and FLAGS, on the active frame (pixel (0, 0) is active pixel x = 0, y = 0).
     cwave
         Central wavelength of every pixel [um] (catalogue fluxes are interpolated there).
     crpix, crval, cd, sip_a, sip_b, sip_ap, sip_bp
@@ -295,23 +319,33 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
     if np.count_nonzero(star & inside) < o.min_matches:
         return fail(NO_CATALOG)
 
-    # 1. blind stage: brightest peaks against the brightest catalogue stars
+    # 1. blind stage: the brightest unsaturated stars of the image against catalogue stars
+    # of the same brightness. Saturated stars give no usable peak, so in crowded fields
+    # (the plane has hundreds per image) the brightest catalogue stars are absent from
+    # the image's list: the catalogue list is the brightness range of the detections.
     px, py, height = find_peaks(image, variance, flags, bad, o.blind_threshold, o.stamp + 1)
-    if px.size < 3:
-        return fail(NO_PATTERN)
-    top = np.argsort(-height, kind="stable")[:o.blind_stars]
-    fits = fit_centroids(image, variance, flags, bad, np.uint32(0), px[top].astype(np.float64),
+    top = np.argsort(-height, kind="stable")[:4 * o.blind_stars]
+    fits = fit_centroids(image, variance, flags, bad, np.uint32(o.saturated), px[top].astype(np.float64),
                          py[top].astype(np.float64), o.stamp, 1.0, 1.5)
-    good = fits[:, STATUS] == OK
-    dx = np.where(good, fits[:, X], px[top])
-    dy = np.where(good, fits[:, Y], py[top])
-    bright = np.flatnonzero(star)[np.argsort(-flux[star], kind="stable")[:2 * o.blind_stars]]
-    match = match_patterns(dx, dy, cx[bright], cy[bright], tolerance=o.match_radius,
-                           min_matches=min(o.min_matches, 6))
+    good = np.flatnonzero((fits[:, STATUS] == OK) & (fits[:, FLUX] > 0))[:o.blind_stars]
+    if good.size < 3:
+        return fail(NO_PATTERN)
+    dx, dy = fits[good, X], fits[good, Y]
+    measured = fits[good, FLUX] * _ujy_per_pixel(o.pixel_scale)
+    in_range = np.flatnonzero(star & (flux >= measured.min() / o.blind_flux_margin)
+                              & (flux <= measured.max() * o.blind_flux_margin))
+    in_range = in_range[np.argsort(-flux[in_range], kind="stable")]
+    min_blind = min(o.min_matches, 6)
+    match = match_offsets(dx, dy, cx[in_range], cy[in_range], centre=((nx - 1) / 2.0, (ny - 1) / 2.0),
+                          radius=margin, max_rotation=o.max_rotation, tolerance=o.match_radius, min_matches=min_blind)
+    listed = in_range
+    if match is None:  # a roll beyond max_rotation: similar triangles have no bound on it
+        listed = in_range[:2 * o.blind_stars]
+        match = match_patterns(dx, dy, cx[listed], cy[listed], tolerance=o.match_radius, min_matches=min_blind)
     if match is None:
         return fail(NO_PATTERN)
     diag[4] = len(match.pairs)
-    det, ref = match.pairs[:, 0], bright[match.pairs[:, 1]]
+    det, ref = match.pairs[:, 0], listed[match.pairs[:, 1]]
     sol = _refit(coarse, _pre_cd(dx[det], dy[det], crpix, a, b), _unit_at_epoch(cat[ref], epoch), np.ones(det.size),
                  scale=False)
 
@@ -322,8 +356,7 @@ def solve_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, cwav
     candidates = np.flatnonzero(usable)
     candidates = candidates[np.argsort(-flux[candidates], kind="stable")]
     # projected positions are coarse here, but relative distances are what isolation needs
-    candidates = candidates[_isolated(cx, cy, flux, candidates, o.isolation_radius, o.isolation_ratio)]
-    candidates = candidates[:o.max_calibrators]
+    candidates = _isolated(cx, cy, flux, candidates, o.isolation_radius, o.isolation_ratio, o.max_calibrators)
     if candidates.size < o.min_matches:
         return fail(FEW_MATCHES)
     u_cal = _unit_at_epoch(cat[candidates], epoch)

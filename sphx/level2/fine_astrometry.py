@@ -67,7 +67,11 @@ class FineAstrometryConfig(StepConfig):
 
     search_radius: float = pydantic.Field(
         15.0, gt=0, description="[arcmin] largest pointing error searched by the blind stage")
-    blind_stars: int = pydantic.Field(60, ge=6, description="brightest peaks and (twice as many) stars matched blind")
+    max_rotation: float = pydantic.Field(
+        2.0, ge=0, description="[deg] largest roll error searched by offset voting (triangles take larger ones)")
+    blind_stars: int = pydantic.Field(60, ge=6, description="brightest unsaturated stars of the image matched blind")
+    blind_flux_margin: float = pydantic.Field(
+        1.3, ge=1, description="catalogue stars within the detections' flux range widened by this factor are matched")
     blind_threshold: float = pydantic.Field(10.0, gt=0, description="SNR of the peaks used by the blind stage")
     match_radius: float = pydantic.Field(2.0, gt=0, description="[pixel] largest calibrator offset after the blind stage")
     min_snr: float = pydantic.Field(10.0, gt=0, description="smallest measured SNR of a calibrator")
