@@ -97,7 +97,7 @@ def apply_blocks(
         return tuple(outs) if n_out > 1 else outs[0]
 
     return xr.apply_ufunc(run, *args, input_core_dims=input_core_dims, output_core_dims=output_core_dims,
-                          dask="allowed")
+                          dask="allowed", keep_attrs=False)  # outputs are not the first input
 
 
 def stack_images(parts: Sequence[np.ndarray], lead: tuple[int, ...]) -> np.ndarray:

@@ -15,7 +15,9 @@ every level the recipes write. What runs today:
    solves every image's pointing and roll from its stars (fine astrometry: the survey
    is simulated with arcminute pointing errors) and lists the known solar system
    objects on each image;
-3. the Level 2 images and their solved WCSs are checked against the simulator's truth.
+3. the Level 2 images and their solved WCSs are checked against the simulator's truth;
+4. the Level 2 spectral images are exported as archive-format FITS files (7 HDUs, one
+   file per detector and exposure) into ``fits/``.
 
 On the small test geometry a detector sees 1/68 of a real one's sky, so the demo's sky
 has ten times the stars per square degree (none brighter than AB mag 10, which would
@@ -37,6 +39,7 @@ from . import flags as _flags
 from .astrometry.solve import describe_finast
 from .errors import SphxError
 from .io import Repository
+from .io.fits import export_level
 from .pipeline.runner import RunReport, run_recipe
 from .wcs import cube_wcs
 
@@ -66,6 +69,7 @@ class DemoResult:
     transients_detectable: int
     astrometry_solved: int  # images with FINAST = 0
     astrometry_worst: float  # largest rms error of a solved WCS against the truth over the detector [arcsec]
+    fits_files: list[Path]  # the exported Level 2 spectral images
 
 
 def _prepare(output: Path) -> Path:
@@ -147,8 +151,12 @@ def run_demo(
         f"{int(count.sel(flag='NONLINEAR').sum())}; SOURCE: {float(count.sel(flag='SOURCE').sum()) / count.sizes['band'] / count.sizes['obs'] / (instrument.n_active ** 2):.0%} of pixels")
     solved, worst = _astrometry(repo, l2, truth, instrument.n_active, say)
     say(f"  images passing Level 2 data quality: {int(l2['l2dqa_pass'].sum())} of {l2['l2dqa_pass'].size}")
+    files = export_level(repo.open_level("l2"), out / "fits", psf=repo.open_calibration("average_psf"),
+                         spectral_wcs=repo.open_calibration("spectral_wcs"),
+                         sapm=repo.open_calibration("solid_angle_pixel_map"))
+    say(f"  Level 2 spectral images exported as FITS: {len(files)} files in {out / 'fits'} (e.g. {files[0].name})")
     say(f"done: open the levels with xarray.open_zarr('{repo.level_url('l2')}') (also l1, l2a)")
-    return DemoResult(out, repo, run, pulls, found, len(flagged), solved, worst)
+    return DemoResult(out, repo, run, pulls, found, len(flagged), solved, worst, files)
 
 
 def _astrometry(repo: Repository, l2: xr.Dataset, truth: xr.Dataset, n: int,

@@ -145,6 +145,18 @@ class OrbitElementsError(SphxError, ValueError):
     """An orbital-elements file or table that cannot be read (names the line or column)."""
 
 
+class FitsFormatError(SphxError, ValueError):
+    """A FITS file that is not a readable SPHEREx product: missing HDU, wrong shape,
+    truncated, unknown flag name, not SPHEREx at all. The message names the file and,
+    where it applies, the HDU and keyword.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, hdu: str | None = None) -> None:
+        self.file, self.hdu = file, hdu
+        where = ", ".join(p for p in (file, f"HDU {hdu}" if hdu else None) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
 class SimulationError(SphxError, ValueError):
     """A simulation configuration that cannot be simulated (names the setting and why)."""
 

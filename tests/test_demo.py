@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import xarray as xr
+from astropy.io import fits
 
 from sphx.demo import run_demo
 from sphx.errors import SphxError
@@ -21,7 +22,11 @@ def test_demo_runs_the_pipeline_and_checks_truth(tmp_path):
     assert result.astrometry_solved >= 9 and result.astrometry_worst < 0.1
     assert any(line.startswith("  fine astrometry: FINAST = 0") for line in lines)
     assert result.output == (tmp_path / "out").resolve()
-    assert {p.name for p in result.output.iterdir()} == {".sphx-demo", "repository"}
+    assert {p.name for p in result.output.iterdir()} == {".sphx-demo", "repository", "fits"}
+    # the Level 2 spectral images as the archive has them, one file per detector and exposure
+    assert len(result.fits_files) == 12 and all(p.parent == result.output / "fits" for p in result.fits_files)
+    with fits.open(result.fits_files[0]) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE"]
     assert set(result.repository.levels()) == {"raw", "truth", "l1", "l2a", "l2"}
     l2 = xr.open_zarr(result.repository.level_url("l2"))
     assert l2.sizes["obs"] == 2 and int((l2["write_id"] > 0).sum()) == 12
