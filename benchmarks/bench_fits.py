@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from bench_repository import best  # same timing rule as the other benchmarks
 
 from sphx import open_repository
 from sphx.demo import recipe_path
@@ -40,15 +40,6 @@ def _repository(path: str | None, folder: Path):
     repo = simulate_survey(config, folder / "repo").repository
     run_recipe(recipe_path("l1-l2"), repo, log=lambda s: None)
     return repo
-
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _astropy_read(path: Path) -> None:
@@ -72,11 +63,11 @@ def main() -> None:
             image = l2.sel(band=[band]).load()  # export from memory: the pixels are not the cost measured
             obs = int(image["obs"].values[0])
             path = folder / f"D{band}.fits"
-            t_export = _best(lambda image=image, path=path, band=band, obs=obs: write_spectral_image(
+            t_export = best(lambda image=image, path=path, band=band, obs=obs: write_spectral_image(
                 image, path, band=int(band), obs=obs, psf=calib["average_psf"], spectral_wcs=calib["spectral_wcs"],
                 sapm=calib["solid_angle_pixel_map"], overwrite=True), args.repeat)
-            t_peer = _best(lambda path=path: _astropy_read(path), args.repeat)
-            t_import = _best(lambda path=path: open_spectral_images([path])[["IMAGE", "VARIANCE", "ZODI", "FLAGS"]].compute(),
+            t_peer = best(lambda path=path: _astropy_read(path), args.repeat)
+            t_import = best(lambda path=path: open_spectral_images([path])[["IMAGE", "VARIANCE", "ZODI", "FLAGS"]].compute(),
                              args.repeat)
             rows.append((t_peer, t_export, t_import))
             print(f"D{band}: astropy read {t_peer:.3f} s, sphx export {t_export:.3f} s, sphx import {t_import:.3f} s, "

@@ -49,9 +49,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +63,7 @@ from astropy.utils.exceptions import AstropyWarning
 from ... import __version__ as _sphx_version
 from ...calibration import PRODUCTS as _SPECS
 from ...errors import FitsFormatError
-from .spectral_image import psf_hdu, wave_hdu, wave_table
+from .spectral_image import atomic_write, psf_hdu, wave_hdu, wave_table
 
 __all__ = [
     "CALIBRATION_FILES",
@@ -181,24 +179,6 @@ def calibration_filename(name: str, band: int, *, version: int = 1,
 # ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------
-
-
-def _atomic(path: Path, write: Callable[[str], None], *, overwrite: bool) -> Path:
-    """Run ``write(tmp)`` on a temporary file in the target folder, then rename it onto
-    ``path``: a crash never leaves a half-written file under the final name."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _primary(band: int, date: _dt.datetime, name: str) -> fits.PrimaryHDU:
@@ -322,7 +302,7 @@ def write_calibration_product(
             hdul.writeto(tmp, overwrite=True)
 
     path = Path(folder) / spec.filename(band, version=version, date=when)
-    return _atomic(path, write, overwrite=overwrite)
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 def write_gain_factors(
@@ -359,7 +339,7 @@ def write_gain_factors(
             f.write("# SPHEREx electronic gain factors per detector and readout channel [electron / adu]\n")
             yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None, width=120)
 
-    return _atomic(Path(folder) / calibration_filename("gain_factors", 0, date=when), write, overwrite=overwrite)
+    return atomic_write(Path(folder) / calibration_filename("gain_factors", 0, date=when), write, overwrite=overwrite)
 
 
 def read_gain_factors(path: str | os.PathLike[str]) -> xr.Dataset:

@@ -48,7 +48,7 @@ from ...cube import STRING_DTYPE
 from ...errors import FitsFormatError
 from ...obsid import expidn, obs_key
 from . import headers as H
-from .calibration import _atomic
+from .spectral_image import atomic_write
 
 __all__ = ["L1_HDU_ORDER", "read_level1_images", "write_level1_image"]
 
@@ -239,7 +239,7 @@ def write_level1_image(
             warnings.simplefilter("ignore", AstropyWarning)
             hdul.writeto(tmp, overwrite=True)
 
-    return _atomic(Path(path), write, overwrite=overwrite)
+    return atomic_write(Path(path), write, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------

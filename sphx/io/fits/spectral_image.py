@@ -17,10 +17,11 @@ the format. Headers come from :mod:`sphx.io.fits.headers`.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,26 +308,31 @@ def spectral_image_filename(
 # ---------------------------------------------------------------------------------------
 
 
-def _atomic_write(hdul: fits.HDUList, path: Path, *, overwrite: bool) -> None:
-    """Write to a temporary file in the target folder, then rename over the target, so
-    that a crash never leaves a half-written file under the final name."""
+def atomic_write(path: Path, write: Callable[[str], None], *, overwrite: bool) -> Path:
+    """Run ``write(tmp)`` on a temporary file in the target folder, then rename it onto
+    ``path``: a crash never leaves a half-written file under the final name."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
     try:
-        with warnings.catch_warnings():
-            # Long comments of HIERARCH cards are truncated to fit 80 columns on purpose.
-            warnings.simplefilter("ignore", AstropyWarning)
-            # every card was built (and checked) by astropy.io.fits.Card: verifying the
-            # ~1300 cards again costs as much as writing the pixels
-            hdul.writeto(tmp, overwrite=True, output_verify="ignore")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def _write_hdul(hdul: fits.HDUList, tmp: str) -> None:
+    with warnings.catch_warnings():
+        # Long comments of HIERARCH cards are truncated to fit 80 columns on purpose.
+        warnings.simplefilter("ignore", AstropyWarning)
+        # every card was built (and checked) by astropy.io.fits.Card: verifying the
+        # ~1300 cards again costs as much as writing the pixels
+        hdul.writeto(tmp, overwrite=True, output_verify="ignore")
 
 
 def build_spectral_image(
@@ -446,7 +452,7 @@ def write_spectral_image(
     """
     path = Path(path)
     hdul = build_spectral_image(ds, band=band, obs=obs, psf=psf, spectral_wcs=spectral_wcs, sapm=sapm, date=date)
-    _atomic_write(hdul, path, overwrite=overwrite)
+    atomic_write(path, functools.partial(_write_hdul, hdul), overwrite=overwrite)
     return path
 
 
