@@ -13,6 +13,7 @@ from astropy.wcs import WCS
 
 from sphx.errors import FitsFormatError
 from sphx.io.fits import headers as H
+from sphx.io.fits import raw
 from sphx.io.fits.read import open_spectral_images, read_psf
 from sphx.io.fits.spectral_image import (
     FITS_VERSION,
@@ -309,10 +310,11 @@ def test_atomic_write(sim, tmp_path, monkeypatch):
     l2 = sim["l2"]
     target = tmp_path / "a.fits"
 
-    def boom(*args, **kwargs):
+    def boom(fileobj, *args, **kwargs):
+        fileobj.write(b"SIMPLE  =" + b" " * 2871)  # half-written
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(fits.HDUList, "writeto", boom)
+    monkeypatch.setattr(raw, "write_fits", boom)
     with pytest.raises(RuntimeError):
         write_spectral_image(l2, target, band=1, obs=int(l2.obs[0]))
     assert list(tmp_path.iterdir()) == []

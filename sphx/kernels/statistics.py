@@ -7,7 +7,7 @@ import numpy as np
 
 from .select import median
 
-__all__ = ["image_statistics", "image_statistics_stack"]
+__all__ = ["count_bits_without", "finite_median_std", "image_statistics", "image_statistics_stack"]
 
 _ROBUST = 1.482602218505602  # MAD to standard deviation for a normal distribution
 # De Bruijn lookup of the lowest set bit: visits only the bits a pixel carries (SOURCE
@@ -94,3 +94,49 @@ def image_statistics_stack(image: np.ndarray, flags: np.ndarray, *, bad: int, bi
         for o, r in zip(out, res, strict=True):
             o[idx] = r
     return tuple(out)
+
+
+@numba.njit(nogil=True, cache=True)
+def count_bits_without(flags, bits, without):
+    """Number of pixels carrying bit ``bits[k]`` and none of the ``without`` bits.
+
+    Parameters
+    ----------
+    flags : uint32 array
+    bits : (nbits,) int64 array
+        Bit numbers.
+    without : uint32
+    """
+    per_bit = np.zeros(32, np.int64)
+    want = np.uint32(0)
+    for b in bits:
+        want |= np.uint32(1) << np.uint32(b)
+    for f in flags.ravel():
+        g = f & want
+        if g and (f & without) == 0:
+            _count_bits(per_bit, g)
+    counts = np.empty(bits.size, np.int64)
+    for k in range(bits.size):
+        counts[k] = per_bit[bits[k]]
+    return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def finite_median_std(values):
+    """Median and standard deviation (ddof 0) of the finite values (NaN when none)."""
+    flat = values.ravel()
+    good = np.empty(flat.size, flat.dtype)
+    n = 0
+    total = 0.0
+    for v in flat:
+        if np.isfinite(v):
+            good[n] = v
+            n += 1
+            total += v
+    if n == 0:
+        return np.nan, np.nan
+    mean = total / n
+    ss = 0.0
+    for k in range(n):
+        ss += (good[k] - mean) ** 2
+    return median(good[:n]), np.sqrt(ss / n)

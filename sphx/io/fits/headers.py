@@ -20,6 +20,7 @@ variable names (``wcs_crpix``, ``finast``, ``obsid``, ``mjd_beg``, ...).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from astropy.time import Time
 
 from ... import flags as _flags
 from ...obsid import expidn
+from . import raw
+from .raw import Card
 
 __all__ = [
     "FLAGS_BUNIT",
@@ -43,10 +46,14 @@ __all__ = [
     "build_plane_header",
     "count_keyword",
     "flag_bits_from_header",
+    "flags_header_cards",
     "header_to_meta",
+    "image_header_cards",
     "origin_from_header",
+    "plane_header_cards",
     "sky_wcs_cards",
     "time_cards",
+    "to_header",
     "wave_w_cards",
 ]
 
@@ -58,8 +65,6 @@ ZODI_BUNIT = "MJy / sr"
 VARIANCE_BUNIT = "MJy2 / sr2"
 FLAGS_BUNIT = ""
 WAVE_EXTNAME = "WCS-WAVE"
-
-Card = tuple[str, Any, str]
 
 # ---------------------------------------------------------------------------------------
 # Keyword <-> cube-variable tables
@@ -121,6 +126,7 @@ def _py(value: Any) -> Any:
     return str(value)
 
 
+@functools.lru_cache(maxsize=256)  # the same four times go into four headers of an image
 def _isot(mjd: float) -> str:
     return Time(float(mjd), format="mjd", scale="utc").isot
 
@@ -286,15 +292,9 @@ def _dec(value: Any) -> Any:
     return float(value) if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf") else value
 
 
-def _fill(header: fits.Header, cards: Iterable[Card]) -> fits.Header:
-    for key, value, comment in cards:
-        if value is None or (isinstance(value, float) and not np.isfinite(value)):
-            continue  # FITS cannot hold NaN: a missing card reads back as NaN
-        # Keys longer than 8 characters or with spaces must be HIERARCH cards; naming
-        # them so explicitly avoids astropy's warning and matches the real headers.
-        name = key if (len(key) <= 8 and " " not in key) else f"HIERARCH {key}"
-        header.append(fits.Card(name, value, comment), end=True)
-    return header
+def to_header(cards: Iterable[Card]) -> fits.Header:
+    """An astropy Header of ``(key, value, comment)`` triples (None and NaN values left out)."""
+    return raw.header_from_cards(raw.render(cards))
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,7 +352,13 @@ def _readout_cards(instrument: Mapping[str, Any]) -> list[Card]:
     return cards
 
 
-def build_image_header(
+def build_image_header(meta: Mapping[str, Any], **options: Any) -> fits.Header:
+    """The IMAGE extension header of one (band, observation) image (options as
+    :func:`image_header_cards`)."""
+    return raw.header_from_cards(image_header_cards(meta, **options))
+
+
+def image_header_cards(
     meta: Mapping[str, Any],
     *,
     band: int,
@@ -362,8 +368,8 @@ def build_image_header(
     date: str | None = None,
     refcat: str = "sphx simulated reference catalogue",
     persistence_threshold: float = 0.1,
-) -> fits.Header:
-    """The IMAGE extension header of one (band, observation) image.
+) -> list[str]:
+    """The 80-character cards of the IMAGE extension header of one (band, observation).
 
     Parameters
     ----------
@@ -461,19 +467,16 @@ def build_image_header(
         *wave_w_cards(origin=origin),
         *_sphx_cards(meta),
     ]
-    header = _fill(fits.Header(), cards)
-    # The real header moves MJDREF next to TIMESYS; keep it after TIMESYS.
-    mjdref = header.cards["MJDREF"]
-    del header["MJDREF"]
-    header.insert(header.index("TIMESYS") + 1, mjdref)
-    for line in ("TELAPSE ends at MJD-END, starts prior to MJD-BEG:", "  includes discarded frames",
-                 "XPOSURE is the scientifically meaningful exposure time:",
-                 "  the time between the start and end of collecting data that",
-                 "  contributes to the photocurrent"):
-        header.add_comment(line)
-    for line in history:
-        header.add_history(str(line))
-    return header
+    # The real header moves MJDREF next to TIMESYS.
+    mjdref = next(i for i, c in enumerate(cards) if c[0] == "MJDREF")
+    cards.insert(next(i for i, c in enumerate(cards) if c[0] == "TIMESYS"), cards.pop(mjdref))
+    cards += [("COMMENT", line, "") for line in (
+        "TELAPSE ends at MJD-END, starts prior to MJD-BEG:", "  includes discarded frames",
+        "XPOSURE is the scientifically meaningful exposure time:",
+        "  the time between the start and end of collecting data that",
+        "  contributes to the photocurrent")]
+    cards += [("HISTORY", str(line), "") for line in history]
+    return raw.render(cards)
 
 
 _REAL_IMAGE_COUNT_NAMES = {
@@ -496,7 +499,12 @@ def _shared_wcs_cards(meta: Mapping[str, Any], origin: tuple[int, int]) -> list[
 
 
 def build_flags_header(meta: Mapping[str, Any], *, origin: tuple[int, int] = (0, 0)) -> fits.Header:
-    """The FLAGS extension header: counts, ``BUNIT=''``, ``EXTTYPE='MASK'``, one
+    """The FLAGS extension header (see :func:`flags_header_cards`)."""
+    return raw.header_from_cards(flags_header_cards(meta, origin=origin))
+
+
+def flags_header_cards(meta: Mapping[str, Any], *, origin: tuple[int, int] = (0, 0)) -> list[str]:
+    """Cards of the FLAGS extension header: counts, ``BUNIT=''``, ``EXTTYPE='MASK'``, one
     ``HIERARCH MP_<NAME> = bit / description`` card per defined bit, then the WCSs."""
     first = ("OUTLIER", "TRANSIENT", "OVERFLOW", "SUR_ERROR", "PHANTOM", "REFERENCE", "NONFUNC", "DICHROIC",
              "MISSING_DATA", "FULLSAMPLE", "PHANMISS")
@@ -510,20 +518,27 @@ def build_flags_header(meta: Mapping[str, Any], *, origin: tuple[int, int] = (0,
         ("EXTNAME", "FLAGS", "extension name"),
         *_shared_wcs_cards(meta, origin),
     ]
-    return _fill(fits.Header(), cards)
+    return raw.render(cards)
 
 
 def build_plane_header(
     meta: Mapping[str, Any], *, extname: str, bunit: str, origin: tuple[int, int] = (0, 0)
 ) -> fits.Header:
-    """Header of the VARIANCE or ZODI extension (unit, then the same WCSs as FLAGS)."""
+    """Header of the VARIANCE or ZODI extension (see :func:`plane_header_cards`)."""
+    return raw.header_from_cards(plane_header_cards(meta, extname=extname, bunit=bunit, origin=origin))
+
+
+def plane_header_cards(
+    meta: Mapping[str, Any], *, extname: str, bunit: str, origin: tuple[int, int] = (0, 0)
+) -> list[str]:
+    """Cards of the VARIANCE or ZODI extension header (unit, then the same WCSs as FLAGS)."""
     what = {"VARIANCE": "Variance of IMAGE", "ZODI": "Zodiacal light model, not subtracted from IMAGE"}
     cards: list[Card] = [
         ("EXTNAME", extname, "extension name"),
         ("BUNIT", bunit, what.get(extname, "Unit of pixel value")),
         *_shared_wcs_cards(meta, origin),
     ]
-    return _fill(fits.Header(), cards)
+    return raw.render(cards)
 
 
 # ---------------------------------------------------------------------------------------

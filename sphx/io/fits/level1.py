@@ -150,7 +150,7 @@ def _image_header(ds: xr.Dataset, cell: xr.Dataset, *, band: int, origin: tuple[
     cards += [*H.alt_a_cards(origin=origin), ("MJDREF", 0.0, "[d] MJD of fiducial time")]
     if all(k in meta for k in ("mjd_beg", "mjd_avg", "mjd_end", "xposure", "telapse")):
         cards += H.time_cards(meta)
-    header = H._fill(fits.Header(), cards)
+    header = H.to_header(cards)
     for line in ds.attrs.get("history", []):
         header.add_history(str(line))
     return header
@@ -209,7 +209,7 @@ def write_level1_image(
     flags = np.asarray(cell["FLAGS"].values)
     if flags.size and (flags.min() < 0 or int(flags.max()) >= 2**31):
         raise ValueError("FLAGS values do not fit the archive's int32 bitmask")
-    fh = H._fill(fits.Header(), [
+    fh = H.to_header([
         ("EXTNAME", "FLAGS", "extension name"),
         ("BUNIT", "", "Unit of flag pixel value (dimensionless)"),
         ("EXTTYPE", "MASK", "Extension can be used as a mask overlay"),

@@ -37,12 +37,12 @@ from ... import flags as _flags
 from ...errors import DuplicateExposureError, FitsFormatError
 from ...obsid import obs_key
 from . import headers as H
+from . import raw
 
 __all__ = ["open_spectral_images", "psf_header_is_y_fast", "read_psf"]
 
 _PLANES = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
 _REQUIRED = (*_PLANES, H.WAVE_EXTNAME)
-_FITS_BLOCK = 2880
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,28 +51,38 @@ _FITS_BLOCK = 2880
 
 
 class _LazyPlane:
-    """Array-like view of one image HDU; indexing opens the file and reads only the slice."""
+    """Array-like view of one image HDU; indexing reads only the rows of the slice.
 
-    def __init__(self, path: str, ext: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path, self.ext, self.shape, self.dtype = path, ext, shape, np.dtype(dtype)
-        self.ndim = len(shape)
+    Uncompressed, unscaled planes are read straight from their byte offset; tile-
+    compressed (QR3 FLAGS) or scaled ones through astropy's ``section``.
+    """
+
+    def __init__(self, path: str, hdu: raw.Scanned, dtype: np.dtype) -> None:
+        self.path, self.ext, self.dtype = path, hdu.name, np.dtype(dtype)
+        self.shape = hdu.shape
+        self.ndim = len(self.shape)
+        self.direct = None if hdu.compressed or hdu.scaled else hdu
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
-            with fits.open(self.path, memmap=True, lazy_load_hdus=True) as hdul:
-                data = np.array(hdul[self.ext].section[key])
+        key = key if isinstance(key, tuple) else (key,)
+        if self.direct is not None and all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+            data = raw.read_section(self.path, self.direct, key)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AstropyWarning)
+                with fits.open(self.path, memmap=True, lazy_load_hdus=True) as hdul:
+                    data = np.array(hdul[self.ext].section[key])
         if self.dtype == _flags.FLAG_DTYPE:  # int32 on disk, same bits
-            return data.astype(np.int32).view(np.uint32)
-        return data.astype(self.dtype)
+            return data.astype(np.int32, copy=False).view(np.uint32)
+        return data.astype(self.dtype, copy=False)
 
 
-def _lazy(path: str, ext: str, shape: tuple[int, ...], dtype: Any, chunks: Any) -> da.Array:
+def _lazy(path: str, hdu: raw.Scanned, dtype: Any, chunks: Any) -> da.Array:
     stat = os.stat(path)
-    token = dask.base.tokenize(path, ext, stat.st_size, stat.st_mtime_ns)
-    plane = _LazyPlane(path, ext, shape, dtype)
-    return da.from_array(plane, chunks=chunks, name=f"fits-{ext.lower()}-{token}",
-                         meta=np.empty((0,) * len(shape), dtype=np.dtype(dtype)), asarray=False)
+    token = dask.base.tokenize(path, hdu.name, stat.st_size, stat.st_mtime_ns)
+    plane = _LazyPlane(path, hdu, dtype)
+    return da.from_array(plane, chunks=chunks, name=f"fits-{hdu.name.lower()}-{token}",
+                         meta=np.empty((0,) * plane.ndim, dtype=np.dtype(dtype)), asarray=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,19 +108,28 @@ def psf_header_is_y_fast(version: str | None) -> bool:
     return Version("6.4") <= Version(v.base_version) <= Version("6.5.5")
 
 
-def _zones_from_header(header: fits.Header, n: int, *, y_fast: bool) -> dict[str, np.ndarray]:
-    """Zone centres and widths per PSF plane (x-fast plane order) from XCTR_i... cards."""
-    raw = {k: np.array([float(header.get(f"{k}_{i + 1}", np.nan)) for i in range(n)])
-           for k in ("XCTR", "YCTR", "XWID", "YWID")}
-    nx = len(np.unique(raw["XCTR"][np.isfinite(raw["XCTR"])])) or 1
+_ZONE_KEYS = ("XCTR", "YCTR", "XWID", "YWID")
+
+
+def _zones_from_header(text: str, n: int, *, y_fast: bool) -> dict[str, np.ndarray]:
+    """Zone centres and widths per PSF plane (x-fast plane order) from the ``XCTR_i``...
+    cards of a PSF header's text (read directly: there are four cards per zone)."""
+    raw_zones = {k: np.full(n, np.nan) for k in _ZONE_KEYS}
+    for i in range(0, len(text), 80):
+        key = text[i:i + 8].rstrip()
+        if key[:4] in raw_zones and key[4:5] == "_" and key[5:].isdigit() and text[i + 8:i + 10] == "= ":
+            j = int(key[5:]) - 1
+            if 0 <= j < n:
+                raw_zones[key[:4]][j] = float(text[i + 10:i + 80].split("/", 1)[0])
+    nx = len(np.unique(raw_zones["XCTR"][np.isfinite(raw_zones["XCTR"])])) or 1
     ny = n // nx
     if y_fast:
         # Card j describes zone (ix, iy) = (j // ny, j % ny); plane p is (p % nx, p // nx).
         p = np.arange(n)
         j = (p % nx) * ny + p // nx
-        raw = {k: v[j] for k, v in raw.items()}
-    return {"zone_x": raw["XCTR"], "zone_y": raw["YCTR"], "zone_width_x": raw["XWID"],
-            "zone_width_y": raw["YWID"]}
+        raw_zones = {k: v[j] for k, v in raw_zones.items()}
+    return {"zone_x": raw_zones["XCTR"], "zone_y": raw_zones["YCTR"], "zone_width_x": raw_zones["XWID"],
+            "zone_width_y": raw_zones["YWID"]}
 
 
 def read_psf(path: str | os.PathLike[str]) -> xr.Dataset:
@@ -130,7 +149,8 @@ def read_psf(path: str | os.PathLike[str]) -> xr.Dataset:
             if "PSF" in names:
                 hdu = hdul["PSF"]
                 cube = np.asarray(hdu.data, dtype=np.float32)
-                zones = _zones_from_header(hdu.header, cube.shape[0], y_fast=psf_header_is_y_fast(version))
+                zones = _zones_from_header(hdu.header.tostring(), cube.shape[0],
+                                           y_fast=psf_header_is_y_fast(version))
                 over, layout = int(hdu.header.get("OVERSAMP", 10)), "QR2"
             elif "EPSF" in names:
                 hdu = hdul["EPSF"]
@@ -161,76 +181,67 @@ def read_psf(path: str | os.PathLike[str]) -> xr.Dataset:
 
 def _scan(path: str) -> dict[str, Any]:
     """Headers, shapes and PSF layout of one file; raises FitsFormatError for bad files."""
-    size = os.path.getsize(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
-            hdul = fits.open(path, memmap=True, lazy_load_hdus=True)
-    except (OSError, ValueError, TypeError, IndexError) as exc:  # what astropy raises on bad bytes
-        raise FitsFormatError(f"not a readable FITS file ({exc})", file=path) from None
-    with hdul:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", AstropyWarning)
-                hdul.readall()
-        except (OSError, ValueError, TypeError, IndexError) as exc:
-            raise FitsFormatError(f"truncated or damaged FITS file ({exc})", file=path) from None
-        names = [h.name.upper() for h in hdul]
-        primary = hdul[0].header
-        is_spherex = str(primary.get("TELESCOP", "")).strip().upper() == "SPHEREX" or (
-            "IMAGE" in names and "OBSID" in hdul["IMAGE"].header
+        hdus = raw.scan(path)
+    except OSError as exc:
+        raise FitsFormatError(f"cannot read the file ({exc})", file=path) from None
+    by_name: dict[str, raw.Scanned] = {}
+    for hdu in hdus:
+        by_name.setdefault(hdu.name, hdu)
+    names = [h.name for h in hdus]
+    try:
+        primary = hdus[0].header()
+        image = by_name["IMAGE"].header() if "IMAGE" in by_name else None
+    except (ValueError, TypeError) as exc:  # astropy on unparseable cards
+        raise FitsFormatError(f"damaged header ({exc})", file=path) from None
+    is_spherex = str(primary.get("TELESCOP", "")).strip().upper() == "SPHEREX" or (
+        image is not None and "OBSID" in image
+    )
+    if not is_spherex:
+        raise FitsFormatError(
+            "not a SPHEREx spectral image (no TELESCOP='SPHEREx' and no IMAGE HDU with OBSID)", file=path
         )
-        if not is_spherex:
-            raise FitsFormatError(
-                "not a SPHEREx spectral image (no TELESCOP='SPHEREx' and no IMAGE HDU with OBSID)", file=path
-            )
-        end = max(hdul.fileinfo(i)["datLoc"] + hdul.fileinfo(i)["datSpan"] for i in range(len(hdul)))
-        if end > size or size % _FITS_BLOCK:
-            raise FitsFormatError(f"truncated file: {size} bytes, the headers describe {end}", file=path)
-        for name in _REQUIRED:
-            if name not in names:
-                raise FitsFormatError(f"missing HDU {name!r} (HDUs present: {', '.join(names)})",
-                                      file=path, hdu=name)
-        if "PSF" not in names and "EPSF" not in names:
-            raise FitsFormatError(f"missing HDU 'PSF' or 'EPSF' (HDUs present: {', '.join(names)})",
-                                  file=path, hdu="PSF")
-        image = hdul["IMAGE"]
-        shape = tuple(image.shape)
-        if len(shape) != 2:
-            raise FitsFormatError(f"IMAGE has shape {shape}, expected 2-d", file=path, hdu="IMAGE")
-        for name in _PLANES[1:]:
-            if tuple(hdul[name].shape) != shape:
-                raise FitsFormatError(f"{name} has shape {tuple(hdul[name].shape)}, IMAGE has {shape}",
-                                      file=path, hdu=name)
-        for key in ("DETECTOR", "OBSID"):
-            if key not in image.header:
-                raise FitsFormatError(f"IMAGE header has no {key}", file=path, hdu="IMAGE")
-        bits = H.flag_bits_from_header(hdul["FLAGS"].header, file=path)
-        version = str(primary.get("VERSION", "")).strip()
-        meta = H.header_to_meta(image.header)
-        info: dict[str, Any] = {
-            "path": path, "meta": meta, "shape": shape, "origin": H.origin_from_header(image.header),
-            "bits": bits, "version": version, "compressed_flags": isinstance(hdul["FLAGS"], fits.CompImageHDU),
-        }
-        if "PSF" in names:
-            psf = hdul["PSF"]
-            pshape = tuple(psf.shape)
-            if len(pshape) != 3:
-                raise FitsFormatError(f"PSF has shape {pshape}, expected (zone, psf_y, psf_x)", file=path, hdu="PSF")
-            info["psf"] = {"layout": "QR2", "shape": pshape, "oversampling": int(psf.header.get("OVERSAMP", 10)),
-                           **_zones_from_header(psf.header, pshape[0], y_fast=psf_header_is_y_fast(version))}
-        else:
-            eh = hdul["EPSF"].header
-            nrow = int(eh["NAXIS2"])
-            tdim = None
-            for i in range(1, int(eh.get("TFIELDS", 0)) + 1):
-                if str(eh.get(f"TTYPE{i}", "")).strip().upper() == "EPSF":
-                    tdim = eh.get(f"TDIM{i}")
-            m = re.match(r"\((\d+),\s*(\d+)\)", str(tdim or ""))
-            if m is None:
-                raise FitsFormatError("EPSF column has no TDIM '(n,n)'", file=path, hdu="EPSF")
-            info["psf"] = {"layout": "QR3", "shape": (nrow, int(m.group(2)), int(m.group(1))),
-                           "oversampling": int(eh.get("OVSMPX", 5))}
+    for name in _REQUIRED:
+        if name not in by_name:
+            raise FitsFormatError(f"missing HDU {name!r} (HDUs present: {', '.join(names)})", file=path, hdu=name)
+    if "PSF" not in by_name and "EPSF" not in by_name:
+        raise FitsFormatError(f"missing HDU 'PSF' or 'EPSF' (HDUs present: {', '.join(names)})",
+                              file=path, hdu="PSF")
+    shape = by_name["IMAGE"].shape
+    if len(shape) != 2:
+        raise FitsFormatError(f"IMAGE has shape {shape}, expected 2-d", file=path, hdu="IMAGE")
+    for name in _PLANES[1:]:
+        if by_name[name].shape != shape:
+            raise FitsFormatError(f"{name} has shape {by_name[name].shape}, IMAGE has {shape}", file=path, hdu=name)
+    for key in ("DETECTOR", "OBSID"):
+        if key not in image:
+            raise FitsFormatError(f"IMAGE header has no {key}", file=path, hdu="IMAGE")
+    bits = H.flag_bits_from_header(by_name["FLAGS"].header(), file=path)
+    version = str(primary.get("VERSION", "")).strip()
+    info: dict[str, Any] = {
+        "path": path, "meta": H.header_to_meta(image), "shape": shape, "origin": H.origin_from_header(image),
+        "bits": bits, "version": version, "compressed_flags": by_name["FLAGS"].compressed,
+        "hdus": {name: by_name[name] for name in _PLANES},
+    }
+    if "PSF" in by_name:
+        psf = by_name["PSF"]
+        pshape = psf.shape
+        if len(pshape) != 3:
+            raise FitsFormatError(f"PSF has shape {pshape}, expected (zone, psf_y, psf_x)", file=path, hdu="PSF")
+        info["psf"] = {"layout": "QR2", "shape": pshape, "oversampling": int(psf.header().get("OVERSAMP", 10)),
+                       "hdu": psf, **_zones_from_header(psf.text, pshape[0], y_fast=psf_header_is_y_fast(version))}
+    else:
+        eh = by_name["EPSF"].header()
+        nrow = int(eh["NAXIS2"])
+        tdim = None
+        for i in range(1, int(eh.get("TFIELDS", 0)) + 1):
+            if str(eh.get(f"TTYPE{i}", "")).strip().upper() == "EPSF":
+                tdim = eh.get(f"TDIM{i}")
+        m = re.match(r"\((\d+),\s*(\d+)\)", str(tdim or ""))
+        if m is None:
+            raise FitsFormatError("EPSF column has no TDIM '(n,n)'", file=path, hdu="EPSF")
+        info["psf"] = {"layout": "QR3", "shape": (nrow, int(m.group(2)), int(m.group(1))),
+                       "oversampling": int(eh.get("OVSMPX", 5))}
     return info
 
 
@@ -333,7 +344,7 @@ def open_spectral_images(
                 if info is None:
                     arr = da.full((ny, nx), _FILL[name], dtype=dtype, chunks=plane_chunks)
                 else:
-                    arr = _lazy(info["path"], name, info["shape"], dtype,
+                    arr = _lazy(info["path"], info["hdus"][name], dtype,
                                 plane_chunks if info["shape"] == (ny, nx) else info["shape"])
                     ox, oy = info["origin"][0] - x0, info["origin"][1] - y0
                     pad = ((oy, ny - oy - info["shape"][0]), (ox, nx - ox - info["shape"][1]))
@@ -444,7 +455,7 @@ def _add_psf(data_vars: dict[str, Any], coords: dict[str, Any], cells: dict[tupl
                 row.append(da.full(shape, np.nan, dtype=np.float32, chunks=shape))
                 continue
             if layout == "QR2":
-                row.append(_lazy(info["path"], "PSF", shape, np.float32, shape))
+                row.append(_lazy(info["path"], info["psf"]["hdu"], np.float32, shape))
                 zx[bi, oi], zy[bi, oi] = info["psf"]["zone_x"], info["psf"]["zone_y"]
             else:
                 table = _epsf_table(info["path"])

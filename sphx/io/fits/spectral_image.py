@@ -21,6 +21,7 @@ import functools
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from astropy.utils.exceptions import AstropyWarning
 from ... import __version__ as _sphx_version
 from ... import flags as _flags
 from ...instrument import Instrument
+from ...kernels.statistics import count_bits_without, finite_median_std
 from ...obsid import obs_key
 from ...wcs import WCS_VARIABLES
 from . import headers as H
+from . import raw
 
 __all__ = [
     "FITS_VERSION",
@@ -93,7 +96,7 @@ def image_meta(ds: xr.Dataset, *, band: int, obs: int | str) -> dict[str, Any]:
     for name, var in cell.variables.items():
         if name in ds.dims or name in WCS_VARIABLES or name == "flag_count":
             continue
-        dims = ds[name].dims
+        dims = ds.variables[name].dims
         if dims == ("band", "obs") or dims == ("obs", "band"):
             if name in H.MAPPED_IMAGE_VARS:
                 meta[name] = H._py(var.values)
@@ -150,38 +153,43 @@ def wave_table(
     values
         float32 (ny, nx, 2): [..., 0] wavelength, [..., 1] bandwidth [um].
     """
-    cwave = np.asarray(cwave, dtype=np.float64)
-    cband = np.asarray(cband, dtype=np.float64)
+    cwave, cband = np.asarray(cwave), np.asarray(cband)
     ny, nx = cwave.shape
     # the interpolation error varies smoothly between nodes: every 4th pixel (and the
     # last) measures it at a sixteenth of the cost
     sy, sx = np.r_[0:ny:4, ny - 1], np.r_[0:nx:4, nx - 1]
+    sampled = [np.asarray(full[np.ix_(sy, sx)], dtype=np.float64) for full in (cwave, cband)]
     for k in (11, 17, 25, 33, 49, 65, 97, 129, 193, max_nodes):
         xs = np.unique(np.round(np.linspace(0, nx - 1, min(k, nx))).astype(np.int64))
         ys = np.unique(np.round(np.linspace(0, ny - 1, min(k, ny))).astype(np.int64))
         values = np.stack([cwave[np.ix_(ys, xs)], cband[np.ix_(ys, xs)]], axis=-1).astype(np.float32)
         wx, wy = _interp_weights(xs.astype(float), nx)[sx], _interp_weights(ys.astype(float), ny)[sy]
         err = max(
-            np.nanmax(np.abs(wy @ values[..., c].astype(np.float64) @ wx.T - full[np.ix_(sy, sx)]))
-            for c, full in enumerate((cwave, cband))
+            np.nanmax(np.abs(wy @ values[..., c].astype(np.float64) @ wx.T - full))
+            for c, full in enumerate(sampled)
         )
         if err <= tolerance or k >= max_nodes:
             break
     return (xs + 1).astype(np.int32), (ys + 1).astype(np.int32), values
 
 
-def wave_hdu(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> fits.BinTableHDU:
-    """The 1-row ``WCS-WAVE`` table: ``X``/``Y`` int32 vectors, ``VALUES`` float32 with
-    ``TDIM='(2,nX,nY)'`` (numpy shape (nY, nX, 2))."""
+_WAVE_EXTNAME_COMMENT = "Lookup table for the spectral WCS 'W'"
+
+
+def _wave_columns(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+    """``X``/``Y`` int32 vectors and ``VALUES`` float32 with ``TDIM='(2,nX,nY)'``
+    (numpy shape (nY, nX, 2)): the columns of the 1-row ``WCS-WAVE`` table."""
     nx, ny = len(x), len(y)
-    cols = [
-        fits.Column(name="X", format=f"{nx}J", dim=f"({nx})", array=np.asarray(x, np.int32)[None, :]),
-        fits.Column(name="Y", format=f"{ny}J", dim=f"({ny})", array=np.asarray(y, np.int32)[None, :]),
-        fits.Column(name="VALUES", format=f"{2 * nx * ny}E", dim=f"(2,{nx},{ny})",
-                    array=np.asarray(values, np.float32)[None, ...]),
-    ]
+    return [("X", np.asarray(x, np.int32), f"({nx})"), ("Y", np.asarray(y, np.int32), f"({ny})"),
+            ("VALUES", np.asarray(values, np.float32), f"(2,{nx},{ny})")]
+
+
+def wave_hdu(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> fits.BinTableHDU:
+    """The 1-row ``WCS-WAVE`` table HDU (columns as the archive's, see :func:`wave_table`)."""
+    cols = [fits.Column(name=name, format=f"{a.size}{'J' if a.dtype.kind == 'i' else 'E'}", dim=tdim,
+                        array=a[None, ...]) for name, a, tdim in _wave_columns(x, y, values)]
     hdu = fits.BinTableHDU.from_columns(cols, name=H.WAVE_EXTNAME)
-    hdu.header.comments["EXTNAME"] = "Lookup table for the spectral WCS 'W'"
+    hdu.header.comments["EXTNAME"] = _WAVE_EXTNAME_COMMENT
     return hdu
 
 
@@ -204,7 +212,13 @@ def _zone_widths(centres: np.ndarray, n: int) -> np.ndarray:
     return np.diff(edges)
 
 
-def psf_hdu(
+def psf_hdu(cube: np.ndarray, zone_x: np.ndarray, zone_y: np.ndarray, **options: Any) -> fits.ImageHDU:
+    """The QR2-style PSF HDU (see :func:`_psf_parts`)."""
+    cube, cards = _psf_parts(cube, zone_x, zone_y, **options)
+    return fits.ImageHDU(cube, header=raw.header_from_cards(cards))
+
+
+def _psf_parts(
     cube: np.ndarray,
     zone_x: np.ndarray,
     zone_y: np.ndarray,
@@ -212,8 +226,9 @@ def psf_hdu(
     n_active: int,
     pixel_scale: float,
     oversampling: int,
-) -> fits.ImageHDU:
-    """The QR2-style PSF HDU: float32 (zone, psf_y, psf_x), x-fast zone keywords.
+) -> tuple[np.ndarray, list[str]]:
+    """Data and cards of the QR2-style PSF HDU: float32 (zone, psf_y, psf_x), x-fast zone
+    keywords.
 
     Zone centres are 0-based detector pixel coordinates; plane ``k`` (1-based) is zone
     ``(ix, iy)`` with ``k = iy * nx + ix + 1``. Each zone card's comment carries
@@ -228,6 +243,7 @@ def psf_hdu(
     wx, wy = _zone_widths(ux, n_active), _zone_widths(uy, n_active)
     npsf = cube.shape[-1]
     cards: list[H.Card] = [
+        ("EXTNAME", "PSF", "extension name"),
         ("WCSAXES", 2, "Number of coordinate axes"),
         ("CRPIX1", (npsf + 1) / 2.0, "Pixel coordinate of reference point"),
         ("CRPIX2", (cube.shape[-2] + 1) / 2.0, "Pixel coordinate of reference point"),
@@ -253,8 +269,7 @@ def psf_hdu(
             (f"XWID_{k + 1}", float(wx[ix]), f"[pixel] Zone ({ix}, {iy}) width along X axis"),
             (f"YWID_{k + 1}", float(wy[iy]), f"[pixel] Zone ({ix}, {iy}) width along Y axis"),
         ]
-    header = H._fill(fits.Header(), cards)
-    return fits.ImageHDU(cube, header=header, name="PSF")
+    return cube, raw.render(cards)
 
 
 def _gaussian_psf(inst: Instrument) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -272,7 +287,7 @@ def _gaussian_psf(inst: Instrument) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def _psf_fwhm(cube: np.ndarray, *, pixel_scale: float, oversampling: int) -> float:
     """Median over zones of the FWHM [arcsec] of the circle with the area above half maximum."""
-    cube = np.asarray(cube, dtype=np.float64)
+    cube = np.asarray(cube)
     peak = cube.max(axis=(1, 2), keepdims=True)
     area = (cube >= 0.5 * peak).sum(axis=(1, 2)) / oversampling**2  # native pixels
     return float(np.median(2.0 * np.sqrt(area / np.pi)) * pixel_scale)
@@ -326,16 +341,27 @@ def atomic_write(path: Path, write: Callable[[str], None], *, overwrite: bool) -
     return path
 
 
-def _write_hdul(hdul: fits.HDUList, tmp: str) -> None:
-    with warnings.catch_warnings():
-        # Long comments of HIERARCH cards are truncated to fit 80 columns on purpose.
-        warnings.simplefilter("ignore", AstropyWarning)
-        # every card was built (and checked) by astropy.io.fits.Card: verifying the
-        # ~1300 cards again costs as much as writing the pixels
-        hdul.writeto(tmp, overwrite=True, output_verify="ignore")
+_PER_BAND: dict[int, dict[tuple[int, str], Any]] = {}
 
 
-def build_spectral_image(
+def _per_band(calib: xr.Dataset, band: int, what: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per calibration Dataset object, band and quantity.
+
+    Every exposure of a band is written with the same PSF HDU, WCS-WAVE table and
+    solid-angle statistics; a level export computes them once per band. The entry goes
+    when the calibration Dataset is garbage collected.
+    """
+    key = id(calib)
+    if key not in _PER_BAND:
+        _PER_BAND[key] = {}
+        weakref.finalize(calib, _PER_BAND.pop, key, None)
+    store = _PER_BAND[key]
+    if (band, what) not in store:
+        store[band, what] = compute()
+    return store[band, what]
+
+
+def _spectral_image_parts(
     ds: xr.Dataset,
     *,
     band: int,
@@ -344,68 +370,68 @@ def build_spectral_image(
     spectral_wcs: xr.Dataset | None = None,
     sapm: xr.Dataset | None = None,
     date: str | None = None,
-) -> fits.HDUList:
-    """The seven HDUs of one (band, observation) image, in memory (see
+) -> tuple[list[str], list[raw.Extension]]:
+    """PRIMARY cards and the six extensions of one (band, observation) image (see
     :func:`write_spectral_image`)."""
     inst = Instrument.from_dict(ds.attrs["instrument"])
     key = _obs_label(ds, obs)
     meta = image_meta(ds, band=band, obs=key)
-    planes = ds[[v for v in _IMAGE_VARS]].sel(band=band, obs=key).compute()
-    flags = np.asarray(planes["FLAGS"].values).astype(np.uint32)
-    source = flags & np.uint32(_flags.Flag.SOURCE) != 0
-    meta["_bloom_ns"] = int(np.count_nonzero((flags & np.uint32(_flags.Flag.BLOOM) != 0) & ~source))
-    meta["_snow_ns"] = int(np.count_nonzero((flags & np.uint32(_flags.Flag.SNOWBALL) != 0) & ~source))
+    planes = ds[list(_IMAGE_VARS)].sel(band=band, obs=key).compute()
+    flags = np.asarray(planes["FLAGS"].values)
+    meta["_bloom_ns"], meta["_snow_ns"] = (int(n) for n in count_bits_without(
+        flags, np.array([_flags.flag_info(n).bit for n in ("BLOOM", "SNOWBALL")]), np.uint32(_flags.Flag.SOURCE)))
     origin = (int(ds["x"].values[0]), int(ds["y"].values[0]))
 
     if psf is not None:
-        cube = psf["PSF"].sel(band=band).values
-        zx, zy = psf["zone_x"].values, psf["zone_y"].values
         oversampling = int(psf.attrs.get("oversampling", inst.psf_oversampling))
+        psf_cube, psf_cards = _per_band(psf, band, "hdu", lambda: _psf_parts(
+            psf["PSF"].sel(band=band).values, psf["zone_x"].values, psf["zone_y"].values, n_active=inst.n_active,
+            pixel_scale=inst.pixel_scale, oversampling=oversampling))
     else:
         cube, zx, zy = _gaussian_psf(inst)
         oversampling = inst.psf_oversampling
+        psf_cube, psf_cards = _psf_parts(cube, zx, zy, n_active=inst.n_active, pixel_scale=inst.pixel_scale,
+                                         oversampling=oversampling)
     if "psf_fwhm" not in meta:
-        meta["psf_fwhm"] = _psf_fwhm(cube, pixel_scale=inst.pixel_scale, oversampling=oversampling)
+        meta["psf_fwhm"] = _psf_fwhm(psf_cube, pixel_scale=inst.pixel_scale, oversampling=oversampling)
     if sapm is not None and "omega_median" not in meta:
-        omega = np.asarray(sapm["SAPM"].sel(band=band).values, dtype=np.float64)
-        meta["omega_median"], meta["omega_stddev"] = float(np.nanmedian(omega)), float(np.nanstd(omega))
+        meta["omega_median"], meta["omega_stddev"] = _per_band(sapm, band, "omega", lambda: tuple(
+            float(v) for v in finite_median_std(np.ascontiguousarray(sapm["SAPM"].sel(band=band).values))))
     elif "omega_median" not in meta:
         # No solid-angle map: the nominal square pixel, spread not known.
         meta["omega_median"], meta["omega_stddev"] = inst.pixel_scale**2, 0.0
 
     if spectral_wcs is not None:
-        cwave = spectral_wcs["CWAVE"].sel(band=band).values
-        cband = spectral_wcs["CBAND"].sel(band=band).values
+        wx, wy, values = _per_band(spectral_wcs, band, "wave", lambda: wave_table(
+            spectral_wcs["CWAVE"].sel(band=band).values, spectral_wcs["CBAND"].sel(band=band).values))
     else:
-        cwave, cband = _nominal_spectral(inst, band)
-    wx, wy, values = wave_table(cwave, cband)
+        wx, wy, values = wave_table(*_nominal_spectral(inst, band))
     # Spectral grid of the whole detector, re-gridded onto the written window.
     wx, wy, values = _regrid_wave(wx, wy, values, origin=origin, shape=flags.shape)
 
-    history = list(ds.attrs.get("history", []))
-    image_header = H.build_image_header(
-        meta, band=band, instrument=ds.attrs["instrument"], history=history, origin=origin, date=date,
-        persistence_threshold=float(ds.attrs.get("persistence_threshold", 0.1)),
+    image_cards = H.image_header_cards(
+        meta, band=band, instrument=ds.attrs["instrument"], history=list(ds.attrs.get("history", [])),
+        origin=origin, date=date, persistence_threshold=float(ds.attrs.get("persistence_threshold", 0.1)),
     )
-    primary = fits.PrimaryHDU()
-    ph = primary.header
-    ph["VERSION"] = (FITS_VERSION, "SSDC Pipelines software version (sphx writer)")
-    ph["TELESCOP"] = ("SPHEREx", "Telescope")
-    ph["INSTRUME"] = ("SPHEREx", "Instrument")
-    ph["DETECTOR"] = (int(band), "1-3: SWIR, 4-6: MWIR")
-    ph["OBSID"] = (str(meta["obsid"]), "Observation ID")
-    ph["ORIGIN"] = ("sphx", "Open re-implementation of the SPHEREx pipeline")
-    return fits.HDUList([
-        primary,
-        fits.ImageHDU(np.asarray(planes["IMAGE"].values, np.float32), header=image_header),
-        fits.ImageHDU(flags.view(np.int32), header=H.build_flags_header(meta, origin=origin)),
-        fits.ImageHDU(np.asarray(planes["VARIANCE"].values, np.float32),
-                      header=H.build_plane_header(meta, extname="VARIANCE", bunit=H.VARIANCE_BUNIT, origin=origin)),
-        fits.ImageHDU(np.asarray(planes["ZODI"].values, np.float32),
-                      header=H.build_plane_header(meta, extname="ZODI", bunit=H.ZODI_BUNIT, origin=origin)),
-        psf_hdu(cube, zx, zy, n_active=inst.n_active, pixel_scale=inst.pixel_scale, oversampling=oversampling),
-        wave_hdu(wx, wy, values),
+    primary = raw.render([
+        ("VERSION", FITS_VERSION, "SSDC Pipelines software version (sphx writer)"),
+        ("TELESCOP", "SPHEREx", "Telescope"),
+        ("INSTRUME", "SPHEREx", "Instrument"),
+        ("DETECTOR", int(band), "1-3: SWIR, 4-6: MWIR"),
+        ("OBSID", str(meta["obsid"]), "Observation ID"),
+        ("ORIGIN", "sphx", "Open re-implementation of the SPHEREx pipeline"),
     ])
+    plane = functools.partial(H.plane_header_cards, meta, origin=origin)
+    return primary, [
+        raw.Extension(image_cards, np.asarray(planes["IMAGE"].values, np.float32)),
+        raw.Extension(H.flags_header_cards(meta, origin=origin), flags.view(np.int32)),
+        raw.Extension(plane(extname="VARIANCE", bunit=H.VARIANCE_BUNIT),
+                      np.asarray(planes["VARIANCE"].values, np.float32)),
+        raw.Extension(plane(extname="ZODI", bunit=H.ZODI_BUNIT), np.asarray(planes["ZODI"].values, np.float32)),
+        raw.Extension(psf_cards, psf_cube),
+        raw.Extension(raw.render([("EXTNAME", H.WAVE_EXTNAME, _WAVE_EXTNAME_COMMENT)]),
+                      columns=_wave_columns(wx, wy, values)),
+    ]
 
 
 def write_spectral_image(
@@ -450,10 +476,14 @@ def write_spectral_image(
     Path
         The written file.
     """
-    path = Path(path)
-    hdul = build_spectral_image(ds, band=band, obs=obs, psf=psf, spectral_wcs=spectral_wcs, sapm=sapm, date=date)
-    atomic_write(path, functools.partial(_write_hdul, hdul), overwrite=overwrite)
-    return path
+    primary, extensions = _spectral_image_parts(ds, band=band, obs=obs, psf=psf, spectral_wcs=spectral_wcs,
+                                                sapm=sapm, date=date)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            raw.write_fits(f, primary, extensions)
+
+    return atomic_write(Path(path), write, overwrite=overwrite)
 
 
 def export_level(
