@@ -17,7 +17,11 @@ every level the recipes write. What runs today:
    objects on each image;
 3. the Level 2 images and their solved WCSs are checked against the simulator's truth;
 4. the Level 2 spectral images are exported as archive-format FITS files (7 HDUs, one
-   file per detector and exposure) into ``fits/``.
+   file per detector and exposure) into ``fits/``;
+5. ``recipes/l3.yaml`` runs Level 3: background and forced photometry of every
+   catalogued source on every image, then per sky tile the primary, secondary
+   (spectra and variability) and high-reliability catalogs, as Parquet tables and HATS
+   catalogs (``repository/hats/``); a few recovered spectra are compared with the truth.
 
 On the small test geometry a detector sees 1/68 of a real one's sky, so the demo's sky
 has ten times the stars per square degree (none brighter than AB mag 10, which would
@@ -70,6 +74,9 @@ class DemoResult:
     astrometry_solved: int  # images with FINAST = 0
     astrometry_worst: float  # largest rms error of a solved WCS against the truth over the detector [arcsec]
     fits_files: list[Path]  # the exported Level 2 spectral images
+    level3: RunReport | None = None
+    catalogs: dict[str, str] | None = None  # HATS catalog directories by table name
+    spectra_chi2: list[tuple[float, int]] | None = None  # (chi2/dof, measurements) of spectra against the truth
 
 
 def _prepare(output: Path) -> Path:
@@ -155,8 +162,46 @@ def run_demo(
                          spectral_wcs=repo.open_calibration("spectral_wcs"),
                          sapm=repo.open_calibration("solid_angle_pixel_map"))
     say(f"  Level 2 spectral images exported as FITS: {len(files)} files in {out / 'fits'} (e.g. {files[0].name})")
-    say(f"done: open the levels with xarray.open_zarr('{repo.level_url('l2')}') (also l1, l2a)")
-    return DemoResult(out, repo, run, pulls, found, len(flagged), solved, worst, files)
+    level3 = run_recipe(recipe_path("l3"), repo, profile=profile, progress=progress, log=say)
+    catalogs = dict(level3.writes[-1].catalogs)
+    chi2 = _spectra(repo, say)
+    say(f"done: open the levels with xarray.open_zarr('{repo.level_url('l2')}') (also l1, l2a); the catalogs with "
+        f"lsdb.open_catalog('{catalogs.get('l3_secondary', repo.catalog_path('l3_secondary'))}') or as Parquet "
+        f"tables in {repo.table_path('l3_primary')}")
+    return DemoResult(out, repo, run, pulls, found, len(flagged), solved, worst, files, level3, catalogs, chi2)
+
+
+def _spectra(repo: Repository, say: Callable[[str], None], *, n: int = 3) -> list[tuple[float, int]]:
+    """Print the recovered spectra of bright, well-measured sources against the truth;
+    returns each one's chi2/dof and number of measurements.
+
+    The truth of each measurement is the simulator's flux of that source on that image;
+    it is averaged into the channels with the measurement's weights, as the secondary
+    catalog averages the measurements.
+    """
+    primary = repo.read_table("l3_primary", columns=["source_id", "obsid", "band", "flux", "flux_error",
+                                                     "wavelength", "phot_status", "flags"]).to_pandas()
+    truth = repo.read_table("truth_sources", columns=["source_id", "obsid", "band", "flux"]).to_pandas()
+    m = primary.merge(truth, on=["source_id", "obsid", "band"], suffixes=("", "_true"))
+    # measured (not OUTSIDE, NO_DATA, SINGULAR, NO_PSF), central pixel used, no saturated
+    # or otherwise bad pixel in the centre
+    bad = int(_flags.mask("OVERFLOW", "NONLINEAR", "SUR_ERROR", "TRANSIENT", "HOT", "COLD", "NONFUNC"))
+    m = m[((m.phot_status & (45 | 16)) == 0) & ((m["flags"] & bad) == 0)]
+    per_source = m.assign(snr=m.flux_true / m.flux_error).groupby("source_id").agg(snr=("snr", "median"),
+                                                                                   count=("snr", "size"))
+    # the bright sources seen most often (on few exposures, most have one or two points)
+    chosen = per_source[per_source.snr > 20].sort_values(["count", "snr"], ascending=False).index[:n]
+    out = []
+    for sid in chosen:
+        s = m[m.source_id == sid].sort_values("wavelength")
+        dof = len(s)
+        chi2 = float((((s.flux - s.flux_true) / s.flux_error) ** 2).sum() / dof)
+        out.append((chi2, dof))
+        say(f"  source {sid}: {dof} measurements from {s.wavelength.min():.2f} to {s.wavelength.max():.2f} um, "
+            f"chi2/dof against the truth {chi2:.2f}")
+        for _, row in s.iloc[:: max(len(s) // 4, 1)].iterrows():
+            say(f"    {row.wavelength:.3f} um: {row.flux:10.1f} +- {row.flux_error:6.1f} uJy (true {row.flux_true:10.1f})")
+    return out
 
 
 def _astrometry(repo: Repository, l2: xr.Dataset, truth: xr.Dataset, n: int,

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import xarray as xr
 from astropy.io import fits
@@ -28,6 +29,13 @@ def test_demo_runs_the_pipeline_and_checks_truth(tmp_path):
     with fits.open(result.fits_files[0]) as hdul:
         assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "FLAGS", "VARIANCE", "ZODI", "PSF", "WCS-WAVE"]
     assert set(result.repository.levels()) == {"raw", "truth", "l1", "l2a", "l2"}
+    # Level 3: catalogs as tables and HATS, a few recovered spectra against the truth
+    assert {"l3a_photometry", "l3_primary", "l3_secondary", "l3_high_reliability"} <= set(result.repository.tables())
+    assert set(result.catalogs) >= {"l3_primary", "l3_secondary"}
+    assert all(str(result.output) in path for path in result.catalogs.values())
+    chi2, dof = (np.array(v, float) for v in zip(*result.spectra_chi2, strict=True))
+    assert dof.sum() >= 6 and np.sum(chi2 * dof) / dof.sum() < 3  # p ~ 0.005 for 6 dof
+    assert any(line.startswith("level 3: ") for line in lines)
     l2 = xr.open_zarr(result.repository.level_url("l2"))
     assert l2.sizes["obs"] == 2 and int((l2["write_id"] > 0).sum()) == 12
     assert result.repository.state_versions("persistence") == [1]

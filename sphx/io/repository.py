@@ -34,7 +34,7 @@ from .levelstore import LevelStore, WriteReport
 from .location import Location
 from .products import PendingVersion, ProductStore
 from .provenance import read_records, utc_now
-from .tables import open_table, read_table, table_names, write_table
+from .tables import open_table, read_table, table_names, table_pieces, write_table
 
 __all__ = ["Repository", "open_repository"]
 
@@ -263,6 +263,23 @@ class Repository:
 
     def tables(self) -> list[str]:
         return table_names(self._loc)
+
+    def table_pieces(self, name: str) -> list[tuple[dict[str, str], str]]:
+        """``(partition values, key)`` of every piece of a table (see :func:`sphx.io.tables.table_pieces`)."""
+        return table_pieces(self._loc, name)
+
+    def catalog_path(self, name: str) -> str:
+        """Directory of a HATS catalog in the repository (``<repo>/hats/<name>``); local
+        repositories only, for now.
+
+        Raises
+        ------
+        RepositoryError
+            For a remote repository.
+        """
+        if not self._loc.local:
+            raise RepositoryError(f"HATS catalogs are written to local repositories only, not {self._loc.url()}")
+        return self._loc.path("hats", name)
 
     def table_path(self, name: str) -> str:
         """Directory of a table, for pyarrow/pandas/dask.dataframe readers."""

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from ..errors import RepositoryError
 from .location import Location
 
-__all__ = ["open_table", "read_table", "table_names", "write_table"]
+__all__ = ["open_table", "read_table", "table_names", "table_pieces", "write_table"]
 
 _ROW_GROUP_KEY = b"sphx.row_group_size"  # a table's preferred rows per row group
 _SAFE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -94,6 +94,24 @@ def write_table(
 
 def table_names(loc: Location) -> list[str]:
     return loc.listdir("tables")
+
+
+def table_pieces(loc: Location, name: str) -> list[tuple[dict[str, str], str]]:
+    """The pieces of a table: ``(partition values, key)`` of every file (none when the
+    table does not exist)."""
+    out: list[tuple[dict[str, str], str]] = []
+
+    def walk(parts: tuple[str, ...], partition: dict[str, str]) -> None:
+        for entry in loc.listdir(*parts):
+            if entry.endswith(".parquet"):
+                out.append((partition, entry[: -len(".parquet")]))
+            elif "=" in entry:
+                k, v = entry.split("=", 1)
+                walk((*parts, entry), {**partition, k: v})
+
+    if loc.exists("tables", _check("name", name)):
+        walk(("tables", name), {})
+    return out
 
 
 def open_table(loc: Location, name: str) -> pads.Dataset:

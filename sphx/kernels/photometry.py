@@ -22,7 +22,9 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-__all__ = ["PHOT_STATUS", "TemplateBank", "forced_photometry", "template_bank"]
+__all__ = ["PHOT_STATUS", "TemplateBank", "forced_photometry", "render_sources", "template_bank"]
+
+_STRIP = 64  # rows of targets whose templates are built together
 
 # Status bits of one measurement (a source is still reported when any is set).
 PHOT_STATUS = {
@@ -117,8 +119,9 @@ def _lagrange(t, w):
 
 
 @numba.njit(nogil=True)
-def _stamp(templates, zone, x, y, phi, d_min, out):
-    """The source's native-pixel template into ``out``; returns its first pixel (x0, y0)."""
+def _stamp(templates, zones, zone_weights, x, y, phi, d_min, out):
+    """The source's native-pixel template into ``out``, blended over its zones with their
+    weights; returns its first pixel (x0, y0)."""
     o = templates.shape[1] - 3
     nx, mx, tx = _axis(x, o, phi)
     ny, my, ty = _axis(y, o, phi)
@@ -127,15 +130,29 @@ def _stamp(templates, zone, x, y, phi, d_min, out):
     _lagrange(ty, wy)
     out[:] = 0.0
     s = out.shape[0]
-    # node q of the weights is offset m + q - 1, stored at index m + q
-    for qy in range(4):
-        for qx in range(4):
-            w = wy[qy] * wx[qx]
-            t = templates[zone, my + qy, mx + qx]
-            for j in range(s):
-                for i in range(s):
-                    out[j, i] += w * t[j, i]
+    for z in range(zones.size):
+        if zones[z] < 0 or zone_weights[z] == 0.0:
+            continue
+        # node q of the weights is offset m + q - 1, stored at index m + q
+        for qy in range(4):
+            for qx in range(4):
+                w = zone_weights[z] * wy[qy] * wx[qx]
+                t = templates[zones[z], my + qy, mx + qx]
+                for j in range(s):
+                    for i in range(s):
+                        out[j, i] += w * t[j, i]
     return nx + d_min, ny + d_min
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _build_stamps(templates, zones, zone_weights, xs, ys, phi, d_min, which, stamps, origins):
+    """Templates of sources ``which`` into ``stamps[k]`` (their first pixels into ``origins``)."""
+    for k in numba.prange(which.size):
+        j = which[k]
+        if zones[j, 0] < 0 or not (np.isfinite(xs[j]) and np.isfinite(ys[j])):
+            continue
+        x0, y0 = _stamp(templates, zones[j], zone_weights[j], xs[j], ys[j], phi, d_min, stamps[k])
+        origins[k, 0], origins[k, 1] = x0, y0
 
 
 @numba.njit(nogil=True)
@@ -175,15 +192,15 @@ def _cholesky_inverse(f, k):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _forced(image, weight, flags, xs, ys, zones, order, cell_start, cell, half, halo, max_members, max_neighbours,
-            templates, phi, d_min, centre_half,
+def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cell, half, halo, max_members,
+            max_neighbours, stamps, origins, slot, centre_half,
             flux, error, error_diag, chi2, npix, agg_flags, status, n_members, nb_index, nb_cov):
     ny, nx = image.shape
     ncy = (ny + cell - 1) // cell
     ncx = (nx + cell - 1) // cell
-    s_size = templates.shape[-1]
-    n_src = xs.size
-    for s in numba.prange(n_src):
+    s_size = stamps.shape[-1]
+    for t in numba.prange(targets.size):
+        s = targets[t]
         flux[s], error[s], error_diag[s], chi2[s] = np.nan, np.nan, np.nan, np.nan
         x, y = xs[s], ys[s]
         if not (np.isfinite(x) and np.isfinite(y)):
@@ -193,7 +210,7 @@ def _forced(image, weight, flags, xs, ys, zones, order, cell_start, cell, half, 
         if cx < 0 or cy < 0 or cx >= nx or cy >= ny:
             status[s] |= 1
             continue
-        if zones[s] < 0:
+        if zones[s, 0] < 0:
             status[s] |= 32
             continue
         x0, x1 = max(cx - half, 0), min(cx + half, nx - 1)
@@ -217,7 +234,7 @@ def _forced(image, weight, flags, xs, ys, zones, order, cell_start, cell, half, 
                 c = gy * ncx + gx
                 for q in range(cell_start[c], cell_start[c + 1]):
                     j = order[q]
-                    if j == s or zones[j] < 0:
+                    if j == s or zones[j, 0] < 0:
                         continue
                     jx, jy = math.floor(xs[j] + 0.5), math.floor(ys[j] + 0.5)
                     if mx0 <= jx <= mx1 and my0 <= jy <= my1:
@@ -236,10 +253,10 @@ def _forced(image, weight, flags, xs, ys, zones, order, cell_start, cell, half, 
         w_cut, h_cut = x1 - x0 + 1, y1 - y0 + 1
         npx = w_cut * h_cut
         design = np.zeros((npx, k))
-        stamp = np.empty((s_size, s_size))
         for m in range(k):
-            j = members[m]
-            sx0, sy0 = _stamp(templates, zones[j], xs[j], ys[j], phi, d_min, stamp)
+            c = slot[members[m]]
+            stamp = stamps[c]
+            sx0, sy0 = origins[c, 0], origins[c, 1]
             for jj in range(s_size):
                 yy = sy0 + jj
                 if yy < y0 or yy > y1:
@@ -340,11 +357,13 @@ def forced_photometry(
     zone: np.ndarray,
     bank: TemplateBank,
     *,
+    zone_weight: np.ndarray | None = None,
     half_size: int = 7,
     halo: int = 3,
     max_members: int = 64,
     max_neighbours: int = 4,
     centre_half: int = 1,
+    targets: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Forced PSF photometry of every source on one background-subtracted image.
 
@@ -359,9 +378,12 @@ def forced_photometry(
     x, y
         Source positions [pixel, 0-based, pixel centres at integers].
     zone
-        PSF zone of each source (index into the bank; -1: none).
+        PSF zone of each source (index into the bank; -1: none), or (n, k) zones whose
+        templates are blended with ``zone_weight`` (e.g. the four around the source).
     bank
         :func:`template_bank` of the image's PSF.
+    zone_weight
+        (n, k) weights of ``zone`` (summing to 1 per source); None for one zone each.
     half_size
         The cutout is (2 half_size + 1)^2 pixels around the source's pixel (15 x 15).
     halo
@@ -373,6 +395,9 @@ def forced_photometry(
         Neighbours reported per source, the most correlated first.
     centre_half
         Flags are aggregated over (2 centre_half + 1)^2 central pixels.
+    targets
+        Indices of the sources to measure (default all); the others still join the fits
+        as neighbours, and their rows are left NaN with status 0.
 
     Returns
     -------
@@ -391,8 +416,8 @@ def forced_photometry(
             raise ValueError(f"{name} has shape {np.shape(a)}, image has {image.shape}")
     xs = np.ascontiguousarray(x, dtype=np.float64)
     ys = np.ascontiguousarray(y, dtype=np.float64)
-    zones = np.ascontiguousarray(zone, dtype=np.int64)
-    if not (xs.shape == ys.shape == zones.shape) or xs.ndim != 1:
+    zones, weights = _zones_2d(zone, zone_weight, xs.size)
+    if not (xs.shape == ys.shape == zones.shape[:1]) or xs.ndim != 1:
         raise ValueError(f"x, y and zone must be 1-d of one length, got {xs.shape}, {ys.shape}, {zones.shape}")
     templates, phi, d_min = bank
     if zones.size and zones.max() >= templates.shape[0]:
@@ -417,9 +442,93 @@ def forced_photometry(
         "n_blend": np.zeros(n, np.int32), "neighbour": np.full((n, max_neighbours), -1, np.int64),
         "neighbour_cov": np.full((n, max_neighbours), np.nan),
     }
-    _forced(image, np.ascontiguousarray(weight), np.ascontiguousarray(flags, dtype=np.uint32),
-            xs, ys, zones, order, cell_start, cell, int(half_size), int(halo), int(max_members), int(max_neighbours),
-            templates, float(phi), int(d_min), int(centre_half),
-            out["flux"], out["flux_error"], out["flux_error_diag"], out["chi2"], out["npix"], out["flags"],
-            out["status"], out["n_blend"], out["neighbour"], out["neighbour_cov"])
+    targets = np.arange(n) if targets is None else np.ascontiguousarray(targets, dtype=np.int64)
+    if targets.size and (targets.min() < 0 or targets.max() >= n):
+        raise ValueError(f"targets must index the {n} sources")
+    out["flux"][:] = out["flux_error"][:] = out["flux_error_diag"][:] = out["chi2"][:] = np.nan
+    # Each source's template is built once, not once per cutout it appears in: targets
+    # go in strips of rows, with the templates of every source that can join their fits
+    # (memory bounded by a strip, not by the catalogue).
+    reach = half_size + halo + 1
+    by_row = np.argsort(py, kind="stable")
+    rows_sorted = py[by_row]
+    target_rows = py[targets]
+    slot = np.full(n, -1, np.int64)
+    s_size = templates.shape[-1]
+    for start in range(0, ny, _STRIP):
+        here = targets[(target_rows >= start) & (target_rows < start + _STRIP)]
+        if not here.size:
+            continue
+        lo, hi = np.searchsorted(rows_sorted, [start - reach, start + _STRIP + reach])
+        which = by_row[lo:hi]
+        stamps = np.zeros((which.size, s_size, s_size))
+        origins = np.zeros((which.size, 2), np.int64)
+        _build_stamps(templates, zones, weights, xs, ys, float(phi), int(d_min), which, stamps, origins)
+        slot[which] = np.arange(which.size)
+        _forced(image, np.ascontiguousarray(weight), np.ascontiguousarray(flags, dtype=np.uint32),
+                xs, ys, zones, here, order, cell_start, cell, int(half_size), int(halo), int(max_members),
+                int(max_neighbours), stamps, origins, slot, int(centre_half),
+                out["flux"], out["flux_error"], out["flux_error_diag"], out["chi2"], out["npix"], out["flags"],
+                out["status"], out["n_blend"], out["neighbour"], out["neighbour_cov"])
+        slot[which] = -1
+    # targets off the image rows still get their status
+    off = targets[(target_rows < 0) | (target_rows >= ny)]
+    out["status"][off] |= PHOT_STATUS["OUTSIDE"]
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _render(out, xs, ys, zones, zone_weights, flux, templates, phi, d_min):
+    ny, nx = out.shape
+    s_size = templates.shape[-1]
+    stamp = np.empty((s_size, s_size))
+    for s in range(xs.size):
+        f = flux[s]
+        if not (np.isfinite(f) and np.isfinite(xs[s]) and np.isfinite(ys[s])) or zones[s, 0] < 0 or f == 0.0:
+            continue
+        x0, y0 = _stamp(templates, zones[s], zone_weights[s], xs[s], ys[s], phi, d_min, stamp)
+        for j in range(s_size):
+            yy = y0 + j
+            if 0 <= yy < ny:
+                for i in range(s_size):
+                    xx = x0 + i
+                    if 0 <= xx < nx:
+                        out[yy, xx] += f * stamp[j, i]
+
+
+def render_sources(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, zone: np.ndarray, flux: np.ndarray,
+                   bank: TemplateBank, *, zone_weight: np.ndarray | None = None) -> np.ndarray:
+    """The image of point sources drawn with the photometry templates.
+
+    Parameters
+    ----------
+    shape
+        (ny, nx) of the image.
+    x, y, zone, zone_weight
+        As for :func:`forced_photometry`.
+    flux
+        Per source, in the unit of the result times one pixel; NaN draws nothing.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 (ny, nx).
+    """
+    out = np.zeros(shape)
+    templates, phi, d_min = bank
+    zones, weights = _zones_2d(zone, zone_weight, np.size(x))
+    _render(out, np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(y, dtype=np.float64),
+            zones, weights, np.ascontiguousarray(flux, dtype=np.float64), templates, float(phi), int(d_min))
+    return out
+
+
+def _zones_2d(zone: np.ndarray, zone_weight: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) zones and weights from one zone per source or from zones with weights."""
+    zones = np.asarray(zone, dtype=np.int64)
+    if zones.ndim == 1:
+        zones = zones[:, None]
+    weights = np.ones(zones.shape) if zone_weight is None else np.asarray(zone_weight, dtype=np.float64)
+    if zones.ndim != 2 or weights.shape != zones.shape or zones.shape[0] != n:
+        raise ValueError(f"zone {np.shape(zone)} and zone_weight {np.shape(zone_weight)} must be (n,) or "
+                         f"(n, k) for n = {n} sources")
+    return np.ascontiguousarray(zones), np.ascontiguousarray(weights)

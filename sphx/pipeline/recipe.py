@@ -18,6 +18,9 @@
           - step: image_statistics
             config: {bad: [NONFUNC, HOT]}
         output: quicklook               # level written
+      - kind: level3                    # Level 3: photometry per image, catalogs per tile
+        input: quicklook
+        config: {variability_threshold: 5}   # sphx.level3.run.Level3Config
 
 Where it runs (local cluster, scheduler address, SLURM) is not part of a recipe; see
 :mod:`sphx.pipeline.compute`. :func:`check_recipe` verifies the wiring against a
@@ -49,7 +52,13 @@ from .step import Step, StepConfig, get_step
 __all__ = ["Recipe", "Selection", "Stage", "StepUse", "check_recipe", "load_recipe"]
 
 _TOP = ("recipe", "description", "select", "calibrations", "stages")
-_STAGE = ("name", "input", "steps", "output")
+_STAGE = ("name", "kind", "input", "steps", "output")
+_LEVEL3_STAGE = ("name", "kind", "input", "config")
+# A level3 stage runs these paper modules (sphx.level3.run); it writes tables and HATS
+# catalogs, not a level.
+LEVEL3_MODULES = ("estimate_diffuse_background", "perform_forced_photometry", "create_primary_catalog",
+                  "create_secondary_catalog_and_estimate_variability", "create_high_reliability_catalog")
+LEVEL3_CALIBRATIONS = ("average_psf", "solid_angle_pixel_map", "spectral_wcs")
 _SELECT = ("bands", "obs", "start", "end")
 
 
@@ -64,11 +73,16 @@ class StepUse:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage: steps on the cube (``kind="images"``, writes ``output``), or Level 3
+    (``kind="level3"``: photometry and catalogs configured by ``level3``)."""
+
     name: str
     input: str
     steps: tuple[StepUse, ...]
     output: str
     key: str
+    kind: str = "images"
+    level3: Any = None
 
 
 @dataclass(frozen=True)
@@ -222,10 +236,35 @@ def _parse_select(sel: Any, file: str | None) -> Selection:
     return Selection(tuple(bands) if bands else None, tuple(obs) if obs else None, sel.get("start"), sel.get("end"))
 
 
+def _parse_level3_stage(stage: dict[str, Any], i: int, file: str | None) -> Stage:
+    from ..level3.run import Level3Config
+
+    key = f"stages[{i}]"
+    _unknown_keys(stage, _LEVEL3_STAGE, file, f"{key}.")
+    if "input" not in stage:
+        raise _err("missing input level", file, f"{key}.input")
+    cfg = stage.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise _err("config must be a mapping", file, f"{key}.config")
+    try:
+        config = Level3Config(**cfg)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise _err(f"level3 config: {problems} (known keys: {', '.join(Level3Config.model_fields)})",
+                   file, f"{key}.config") from None
+    return Stage(str(stage.get("name") or f"stage{i}"), _level_name(stage["input"], file, f"{key}.input"), (),
+                 "", key, kind="level3", level3=config)
+
+
 def _parse_stage(stage: Any, i: int, file: str | None) -> Stage:
     key = f"stages[{i}]"
     if not isinstance(stage, dict):
         raise _err("a stage must be a mapping with input, steps and output", file, key)
+    kind = stage.get("kind", "images")
+    if kind == "level3":
+        return _parse_level3_stage(stage, i, file)
+    if kind != "images":
+        raise _err(f"unknown stage kind {kind!r} (kinds: images, level3)", file, f"{key}.kind")
     _unknown_keys(stage, _STAGE, file, f"{key}.")
     for k in ("input", "output"):
         if k not in stage:
@@ -297,6 +336,9 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
     produced: dict[str, _Frame] = {}
     plan = []
     for stage in recipe.stages:
+        if stage.kind == "level3":
+            plan.append(_check_level3(stage, repo, produced, recipe))
+            continue
         if stage.input in produced:
             frame, source = _Frame(dict(produced[stage.input].units), produced[stage.input].raw_frame), "earlier stage"
         elif repo.has_level(stage.input):
@@ -370,3 +412,34 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
         plan.append({"stage": stage.name, "input": stage.input, "source": source, "steps": steps_plan,
                      "output": stage.output})
     return plan
+
+
+def _check_level3(stage: Stage, repo: Repository, produced: Mapping[str, _Frame], recipe: Recipe) -> dict[str, Any]:
+    """A level3 stage needs its input level (with IMAGE, VARIANCE, FLAGS, ZODI), the
+    reference catalogue and the calibration products of forced photometry."""
+    file = recipe.file
+    if stage.input in produced:
+        have, source = set(produced[stage.input].units), "earlier stage"
+    elif repo.has_level(stage.input):
+        have, source = set(repo.level_schema(stage.input)), "repository"
+    else:
+        raise _err(f"input level {stage.input!r} is not in repository {repo.location} "
+                   f"(levels: {', '.join(repo.levels()) or 'none'})", file, f"{stage.key}.input")
+    missing = [v for v in ("IMAGE", "VARIANCE", "FLAGS", "ZODI") if v not in have]
+    if missing:
+        raise _err(f"level 3 needs {', '.join(missing)}, which level {stage.input!r} does not provide",
+                   file, f"{stage.key}.input")
+    if "refcat" not in repo.tables():
+        raise _err(f"level 3 needs the reference catalogue (table 'refcat') in {repo.location}", file, stage.key)
+    versions = {}
+    for name in LEVEL3_CALIBRATIONS:
+        found = repo.calibration_versions(name)
+        if not found:
+            raise _err(f"level 3 needs calibration product {name!r}, which {repo.location} does not hold",
+                       file, stage.key)
+        versions[name] = found[-1]
+    config = stage.level3.model_dump(mode="json")
+    steps = [{"step": m, "config": config if i == 0 else {}, "calibrations": versions if i == 1 else {}}
+             for i, m in enumerate(LEVEL3_MODULES)]
+    return {"stage": stage.name, "input": stage.input, "source": source, "steps": steps,
+            "output": "tables l3a_photometry, l3_primary, l3_secondary, l3_high_reliability; HATS catalogs"}

@@ -15,7 +15,6 @@ import pyarrow.dataset as pads
 import xarray as xr
 
 from .._progress import ProgressSpec
-from ..io.levelstore import WriteReport
 from ..io.repository import Repository, open_repository
 from .compute import ComputeSpec, compute_context, resolve_compute
 from .recipe import Recipe, Stage, check_recipe, load_recipe
@@ -31,7 +30,7 @@ class RunReport:
     repository: str
     compute: str
     plan: list[dict[str, Any]]
-    writes: list[WriteReport] = field(default_factory=list)
+    writes: list[Any] = field(default_factory=list)  # WriteReport per level, Level3Report per level 3 stage
     elapsed: float = 0.0
     dry_run: bool = False
 
@@ -152,6 +151,13 @@ def run_recipe(
         return report
     with compute_context(spec, log=say):
         for stage, stage_plan in zip(recipe.stages, plan, strict=True):
+            if stage.kind == "level3":
+                from ..level3.run import run_level3
+
+                say(f"stage {stage.name}: level 3 on {stage.input}")
+                done = run_level3(repo, stage.level3, level=stage.input, select=recipe.select.as_kwargs(), log=say)
+                report.writes.append(done)
+                continue
             say(f"stage {stage.name}: {stage.input} -> {stage.output}")
             ds = repo.open_level(stage.input, **recipe.select.as_kwargs())
             if not ds.sizes["obs"]:
