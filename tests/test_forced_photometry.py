@@ -153,3 +153,34 @@ def test_bad_input_gives_flagged_measurements(bank):
         forced_photometry(image, weight[:10], flags, x, y, zone, bank)
     with pytest.raises(ValueError, match="zone index 5"):
         forced_photometry(image, weight, flags, x, y, np.full(x.size, 5), bank)
+
+
+def test_local_backgrounds_match_photutils_on_each_cutout():
+    from photutils.background import Background2D, SExtractorBackground, StdBackgroundRMS
+
+    from sphx.kernels.photometry import local_backgrounds
+
+    rng = np.random.default_rng(6)
+    n = 80
+    image = 3.0 + 0.02 * np.arange(n)[None, :] + rng.normal(0, 1, (n, n))
+    mask = rng.random((n, n)) < 0.3  # source pixels
+    image[mask] += 50.0
+    x, y = rng.uniform(8, n - 9, 20), rng.uniform(8, n - 9, 20)
+    ours, ours_var = local_backgrounds(image, mask, x, y, half_size=7)
+    assert np.all((ours_var > 0.5 / 225) & (ours_var < 5 / 100))  # ~k / n for unit noise
+    for k in range(x.size):
+        cx, cy = int(np.floor(x[k] + 0.5)), int(np.floor(y[k] + 0.5))
+        window = (slice(cy - 7, cy + 8), slice(cx - 7, cx + 8))
+        bkg = Background2D(image[window], (15, 15), mask=mask[window], filter_size=1, exclude_percentile=99,
+                           bkg_estimator=SExtractorBackground(), bkg_rms_estimator=StdBackgroundRMS())
+        assert ours[k] == pytest.approx(float(bkg.background_mesh[0, 0]), rel=1e-6)
+    # the pedestal of a cutout is subtracted before its fit
+    bank = template_bank(_psf_plane(SIGMA)[None], oversampling=10)
+    xs, ys = np.array([30.3, 60.7]), np.array([40.2, 20.6])
+    scene = _scene(rng, 96, xs, ys, np.array([400.0, 400.0])) + 5.0
+    res = forced_photometry(scene, np.ones((96, 96)), np.zeros((96, 96), np.uint32), xs, ys, np.zeros(2, np.int64),
+                            bank, pedestal=np.array([5.0, 5.0]))
+    assert np.allclose(res["flux"], 400.0, rtol=1e-3)
+    with pytest.raises(ValueError, match="pedestal has shape"):
+        forced_photometry(scene, np.ones((96, 96)), np.zeros((96, 96), np.uint32), xs, ys, np.zeros(2, np.int64),
+                          bank, pedestal=np.zeros(3))

@@ -75,10 +75,11 @@ def test_crowded_images_use_the_local_background(survey):
         estimate_background(cell["IMAGE"].values, flags[:10], cell["ZODI"].values, cwave.sel(band=1).values)
 
 
-def _photometry(survey, *, truth_pixels: bool, draws: int = 1):
+def _photometry(survey, *, truth_pixels: bool, draws: int = 1, crowded: bool = False):
     """Measurements of every image joined with the simulator's truth; with ``truth_pixels``
     the pixels are the true sky plus Gaussian noise of the Level 2 variance (``draws``
-    noise realisations per image)."""
+    noise realisations per image); ``crowded`` marks 80 % of the pixels SOURCE, which
+    forces the local background."""
     l2, calib, rng = survey["l2"], survey["calib"], np.random.default_rng(1)
     rows = []
     images = [(b, o) for b in l2["band"].values for o in l2["obs"].values]
@@ -88,12 +89,16 @@ def _photometry(survey, *, truth_pixels: bool, draws: int = 1):
         if truth_pixels:
             var = cube["VARIANCE"].values[0, 0]
             cube["IMAGE"][0, 0] = truth["IMAGE"].values + rng.normal(size=var.shape) * np.sqrt(np.nan_to_num(var, nan=1.0))
+        if crowded:
+            cube["FLAGS"][0, 0] = cube["FLAGS"].values[0, 0] | np.where(
+                rng.random(cube["FLAGS"].shape[2:]) < 0.8, np.uint32(_flags.Flag.SOURCE), np.uint32(0))
         est = estimate_background(cube["IMAGE"].values[0, 0], cube["FLAGS"].values[0, 0], cell["ZODI"].values,
                                   calib["spectral_wcs"]["CWAVE"].sel(band=band).values)
+        assert est.method == ("local" if crowded else "global")
         catalog = image_catalog(survey["refcat"], cube, band=int(band), obs=int(obs))
         table = photometer_image(cube, catalog, band=int(band), obs=int(obs), psf=calib["average_psf"],
                                  sapm=calib["solid_angle_pixel_map"], spectral_wcs=calib["spectral_wcs"],
-                                 background=est.background).to_pandas()
+                                 background=est.background, local_background=est.method == "local").to_pandas()
         src = survey["sources"]
         src = src[(src.obsid == table.obsid.iloc[0]) & (src.band == band)]
         nearest, _ = cKDTree(np.c_[src.x, src.y]).query(np.c_[src.x, src.y], k=2)
@@ -121,6 +126,14 @@ def test_bright_spectra_match_the_truth(survey):
     bright = ok & (snr > 10)  # sources with a median S/N above 10 over their measurements
     assert m.source_id[bright].nunique() >= 10
     assert 0.8 < np.mean(((m.flux - m.flux_true) / m.flux_error)[bright] ** 2) < 1.2
+
+
+def test_crowded_images_are_photometered_with_the_local_background(survey):
+    m = _photometry(survey, truth_pixels=True, crowded=True)
+    ok = ((m.phot_status & _FATAL) == 0) & m.isolated
+    pull = ((m.flux - m.flux_true) / m.flux_error)[ok]
+    assert abs(np.std(pull) - 1) < 0.05  # each cutout's level uncertainty is in the error
+    assert abs(np.median(pull)) < 0.05
 
 
 def test_pipeline_images_give_unbiased_isolated_fluxes(survey):
@@ -216,6 +229,18 @@ def test_hats_catalog_opens_and_cone_searches_with_lsdb(tmp_path):
     assert sorted(found["source_id"]) == sorted(expected)
     with pytest.raises(FileExistsError):
         write_hats(tmp_path / "cat", tiles, name="test")
+    # an update replaces only the given tiles' files
+    untouched = {p: p.stat().st_mtime_ns for p in (tmp_path / "cat" / "dataset").rglob("Npix=*.parquet")}
+    changed = tiles[second].set_column(3, "flux", pa.array(np.full(tiles[second].num_rows, 99.0)))
+    write_hats(tmp_path / "cat", {second: changed}, name="test", update=True)
+    catalog = lsdb.open_catalog(tmp_path / "cat")
+    assert catalog.hc_structure.catalog_info.total_rows == 3000 - 1
+    data = catalog.compute()
+    assert np.all(data.flux[np.isin(data.source_id, changed["source_id"].to_numpy())] == 99.0)
+    rewritten = [p for p, t in untouched.items() if p.stat().st_mtime_ns != t]
+    assert len(rewritten) == 1 and f"Npix={second}." in rewritten[0].name
+    with pytest.raises(ValueError, match="does not replace"):
+        write_hats(tmp_path / "cat", {second: tiles[first]}, name="test", update=True)
 
 
 def test_run_level3_writes_catalogs_and_reruns_only_new_work(survey, tmp_path):

@@ -83,7 +83,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-__all__ = ["BackgroundMesh", "background_2d", "background_mesh", "mesh_to_image"]
+__all__ = ["BackgroundMesh", "background_2d", "background_mesh", "box_background", "mesh_to_image"]
 
 # photutils' mesh filling: its ``Background2D._interpolate_grid`` asks the Shepard IDW
 # interpolator for 10 neighbours with inverse-distance (power 1) weights.
@@ -896,3 +896,23 @@ def _spline_zoom_rows(first: int, step: int, coefficients: np.ndarray, wy: np.nd
                     # values of that dtype and rounding is monotonic, so clipping before
                     # the cast gives the same
                     line[j] = min(max(f, lo), hi)
+
+
+@numba.njit(nogil=True, cache=True)
+def box_background(values: np.ndarray, sigma: float, maxiters: int) -> tuple[float, float]:
+    """The SExtractor background of one box's unmasked values, sigma-clipped as
+    photutils' ``Background2D`` clips a full box, and its variance for Gaussian noise
+    (NaN when empty). Callable from numba.
+
+    The variance is ``k std**2 / n`` over the ``n`` kept values: ``k = pi / 2`` for the
+    median, ``k = 6.25 pi / 2 + 2.25 - 7.5 = 4.57`` for ``2.5 median - 1.5 mean`` (the
+    median and the mean of normal samples have covariance ``std**2 / n``).
+    """
+    v = np.sort(values)
+    a, b, _ = _clip_sorted(v, v.size, sigma, maxiters, False)
+    level, std = _sextractor(v, a, b)
+    if b <= a:
+        return level, np.nan
+    median = _median_sorted(v, a, b)
+    k = math.pi / 2 if level == median else 6.25 * math.pi / 2 + 2.25 - 7.5
+    return level, k * std * std / (b - a)

@@ -22,7 +22,9 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-__all__ = ["PHOT_STATUS", "TemplateBank", "forced_photometry", "render_sources", "template_bank"]
+from .background import box_background
+
+__all__ = ["PHOT_STATUS", "TemplateBank", "forced_photometry", "local_backgrounds", "render_sources", "template_bank"]
 
 _STRIP = 64  # rows of targets whose templates are built together
 
@@ -193,7 +195,7 @@ def _cholesky_inverse(f, k):
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cell, half, halo, max_members,
-            max_neighbours, stamps, origins, slot, centre_half,
+            max_neighbours, stamps, origins, slot, centre_half, pedestal, pedestal_var,
             flux, error, error_diag, chi2, npix, agg_flags, status, n_members, nb_index, nb_cov):
     ny, nx = image.shape
     ncy = (ny + cell - 1) // cell
@@ -271,7 +273,7 @@ def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cel
         for p in range(npx):
             yy, xx = y0 + p // w_cut, x0 + p % w_cut
             w = weight[yy, xx]
-            d = image[yy, xx]
+            d = image[yy, xx] - pedestal[s]
             if not (w > 0) or not np.isfinite(d):
                 status[s] |= 128
                 continue
@@ -321,13 +323,26 @@ def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cel
                 acc += inv[a, b] * rhs[active[b]]
             coef[active[a]] = acc
         flux[s] = coef[0]
-        error[s] = math.sqrt(inv[0, 0])
+        # a pedestal b moves the fit by -F^-1 A^T W 1 b: its variance adds through that
+        extra = 0.0
+        if pedestal_var[s] > 0:
+            gain = 0.0
+            for a in range(na):
+                u = 0.0
+                for p in range(npx):
+                    yy, xx = y0 + p // w_cut, x0 + p % w_cut
+                    w = weight[yy, xx]
+                    if w > 0 and np.isfinite(image[yy, xx]):
+                        u += w * design[p, active[a]]
+                gain += inv[0, a] * u
+            extra = gain * gain * pedestal_var[s]
+        error[s] = math.sqrt(inv[0, 0] + extra)
         error_diag[s] = 1.0 / math.sqrt(fisher[0, 0])
         resid = 0.0
         for p in range(npx):
             yy, xx = y0 + p // w_cut, x0 + p % w_cut
             w = weight[yy, xx]
-            d = image[yy, xx]
+            d = image[yy, xx] - pedestal[s]
             if not (w > 0) or not np.isfinite(d):
                 continue
             model = 0.0
@@ -364,6 +379,8 @@ def forced_photometry(
     max_neighbours: int = 4,
     centre_half: int = 1,
     targets: np.ndarray | None = None,
+    pedestal: np.ndarray | None = None,
+    pedestal_variance: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Forced PSF photometry of every source on one background-subtracted image.
 
@@ -398,6 +415,10 @@ def forced_photometry(
     targets
         Indices of the sources to measure (default all); the others still join the fits
         as neighbours, and their rows are left NaN with status 0.
+    pedestal, pedestal_variance
+        (n,) constant [u] subtracted from the cutout of each source before its fit (the
+        local background of a crowded image), and its variance [u^2], propagated into
+        ``flux_error``; None for none.
 
     Returns
     -------
@@ -449,6 +470,11 @@ def forced_photometry(
     # Each source's template is built once, not once per cutout it appears in: targets
     # go in strips of rows, with the templates of every source that can join their fits
     # (memory bounded by a strip, not by the catalogue).
+    pedestals = np.zeros(n) if pedestal is None else np.nan_to_num(np.asarray(pedestal, dtype=np.float64))
+    pedestal_vars = np.zeros(n) if pedestal_variance is None else np.nan_to_num(
+        np.asarray(pedestal_variance, dtype=np.float64))
+    if pedestals.shape != (n,) or pedestal_vars.shape != (n,):
+        raise ValueError(f"pedestal has shape {pedestals.shape} (variance {pedestal_vars.shape}), expected ({n},)")
     reach = half_size + halo + 1
     by_row = np.argsort(py, kind="stable")
     rows_sorted = py[by_row]
@@ -467,7 +493,7 @@ def forced_photometry(
         slot[which] = np.arange(which.size)
         _forced(image, np.ascontiguousarray(weight), np.ascontiguousarray(flags, dtype=np.uint32),
                 xs, ys, zones, here, order, cell_start, cell, int(half_size), int(halo), int(max_members),
-                int(max_neighbours), stamps, origins, slot, int(centre_half),
+                int(max_neighbours), stamps, origins, slot, int(centre_half), pedestals, pedestal_vars,
                 out["flux"], out["flux_error"], out["flux_error_diag"], out["chi2"], out["npix"], out["flags"],
                 out["status"], out["n_blend"], out["neighbour"], out["neighbour_cov"])
         slot[which] = -1
@@ -532,3 +558,65 @@ def _zones_2d(zone: np.ndarray, zone_weight: np.ndarray | None, n: int) -> tuple
         raise ValueError(f"zone {np.shape(zone)} and zone_weight {np.shape(zone_weight)} must be (n,) or "
                          f"(n, k) for n = {n} sources")
     return np.ascontiguousarray(zones), np.ascontiguousarray(weights)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _local(residual, masked, xs, ys, half, sigma, maxiters, min_pixels, out, out_var):
+    ny, nx = residual.shape
+    for s in numba.prange(xs.size):
+        out[s], out_var[s] = np.nan, np.nan
+        if not (np.isfinite(xs[s]) and np.isfinite(ys[s])):
+            continue
+        cx, cy = np.int64(math.floor(xs[s] + 0.5)), np.int64(math.floor(ys[s] + 0.5))
+        y0, y1 = max(cy - half, 0), min(cy + half, ny - 1)
+        x0, x1 = max(cx - half, 0), min(cx + half, nx - 1)
+        if x1 < x0 or y1 < y0:
+            continue
+        values = np.empty((y1 - y0 + 1) * (x1 - x0 + 1))
+        n = 0
+        for yy in range(y0, y1 + 1):
+            for xx in range(x0, x1 + 1):
+                v = residual[yy, xx]
+                if np.isfinite(v) and not masked[yy, xx]:
+                    values[n] = v
+                    n += 1
+        if n < min_pixels:
+            continue
+        out[s], out_var[s] = box_background(values[:n], sigma, maxiters)
+
+
+def local_backgrounds(residual: np.ndarray, mask: np.ndarray, x: np.ndarray, y: np.ndarray, *,
+                      half_size: int = 7, sigma: float = 3.0, maxiters: int = 10,
+                      min_pixels: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The background of each source's own cutout, for crowded images.
+
+    The statistic of photutils' ``Background2D`` boxes
+    (:func:`sphx.kernels.background.box_background`: sigma clipping about the median,
+    then 2.5 median - 1.5 mean, or the median for skewed pixels), taken over the
+    (2 half_size + 1)^2 region centred on each source instead of a fixed grid of boxes.
+
+    Parameters
+    ----------
+    residual
+        (ny, nx) image minus the smooth background model [any unit u].
+    mask
+        (ny, nx) bool: pixels left out (sources, bad pixels).
+    x, y
+        Source positions [pixel].
+    min_pixels
+        Fewer usable pixels give NaN (the caller falls back to no pedestal).
+
+    Returns
+    -------
+    level, variance : numpy.ndarray
+        (n,) float64 [u] and [u^2]: each cutout's level and its variance.
+    """
+    residual = np.ascontiguousarray(residual, dtype=np.float64)
+    mask = np.ascontiguousarray(mask, dtype=np.bool_)
+    if mask.shape != residual.shape:
+        raise ValueError(f"mask has shape {mask.shape}, residual has {residual.shape}")
+    xs = np.ascontiguousarray(x, dtype=np.float64)
+    ys = np.ascontiguousarray(y, dtype=np.float64)
+    out, out_var = np.empty(xs.size), np.empty(xs.size)
+    _local(residual, mask, xs, ys, int(half_size), float(sigma), int(maxiters), int(min_pixels), out, out_var)
+    return out, out_var

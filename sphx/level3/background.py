@@ -7,8 +7,9 @@ iso-wavelength stripes), and a photutils ``Background2D``-style mesh of the rest
 (sigma-clipped boxes with the SOURCE and bad pixels masked, median-filtered, smoothly
 interpolated; :mod:`sphx.kernels.background`). A sub-region (box) is unusable when more
 than 75 % of its pixels carry SOURCE; with more than 90 % usable the global estimate is
-used, otherwise (crowded fields) the local one: the same statistics on 15 x 15 boxes, the
-size of a photometry cutout, without smoothing between them.
+used, otherwise (crowded fields) the local one: ZODI and the spectral fit here, and the
+same box statistics over the 15 x 15 region around each photometry cutout, computed by
+forced photometry (``local_background``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class BackgroundEstimate:
     Attributes
     ----------
     background
-        (y, x) float32 [image unit], ZODI included.
+        (y, x) float32 [image unit], ZODI included; for ``"local"``, the smooth part
+        (ZODI and the spectral fit) to which each cutout's own level is added.
     method
         ``"global"`` or ``"local"``.
     usable_fraction
@@ -98,7 +100,6 @@ def estimate_background(
     sigma: float = 3.0,
     max_source_fraction: float = 0.75,
     min_usable: float = 0.9,
-    local_box: int = 15,
 ) -> BackgroundEstimate:
     """The diffuse background of one image, globally or locally.
 
@@ -121,8 +122,6 @@ def estimate_background(
         A sub-region with more SOURCE pixels than this is unusable.
     min_usable
         The global estimate needs more than this fraction of usable sub-regions.
-    local_box
-        Box of the local estimate [pixel] (the photometry cutout).
 
     Returns
     -------
@@ -156,9 +155,8 @@ def estimate_background(
                                          sigma=sigma, exclude_percentile=100.0 * max_source_fraction)
         method = "global"
     else:
-        # crowded: each cutout-sized box on its own (no smoothing across boxes); boxes
-        # with almost no source-free pixel are filled from their neighbours
-        mesh_image, _, _ = background_2d(rest, source | unusable_pixel, box_size=local_box, filter_size=1,
-                                         sigma=sigma, exclude_percentile=99.0)
+        # crowded: the smooth part only; forced photometry adds the statistic of each
+        # cutout's own 15 x 15 region (sphx.kernels.photometry.local_backgrounds)
+        mesh_image = np.zeros_like(rest)
         method = "local"
     return BackgroundEstimate((zodi + spectral + mesh_image).astype(np.float32), method, usable, spectral)

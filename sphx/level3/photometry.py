@@ -25,7 +25,14 @@ from ..astrometry.catalog import CATALOG_COLUMNS, DEC, RA, catalog_array, source
 from ..catalog.query import query_catalog
 from ..ephemeris import julian_year, observer_barycentric
 from ..errors import StepError
-from ..kernels.photometry import PHOT_STATUS, TemplateBank, forced_photometry, render_sources, template_bank
+from ..kernels.photometry import (
+    PHOT_STATUS,
+    TemplateBank,
+    forced_photometry,
+    local_backgrounds,
+    render_sources,
+    template_bank,
+)
 from ..wcs import cube_wcs
 
 __all__ = ["L3_NSIDE", "PHOTOMETRY_MASK", "image_catalog", "noise_model", "photometer_image", "psf_zone_weights",
@@ -162,6 +169,7 @@ def photometer_image(
     spectral_wcs: xr.Dataset,
     background: np.ndarray,
     mask: int = int(PHOTOMETRY_MASK),
+    local_background: bool = False,
     half_size: int = 7,
     bank_cache: dict[Any, TemplateBank] | None = None,
 ) -> pa.Table:
@@ -186,6 +194,11 @@ def photometer_image(
         (y, x) background [MJy/sr] to subtract (:mod:`sphx.level3.background`).
     mask
         FLAGS bits whose pixels are left out of the fit.
+    local_background
+        Subtract from each cutout also the clipped level of its own 15 x 15 region,
+        SOURCE pixels left out (or, with fewer than 10 others, clipped away), and add
+        its uncertainty to the flux errors: the local estimate of crowded images, where
+        ``background`` is only the smooth part.
     half_size
         Cutout half size [pixel] (7: 15 x 15).
     bank_cache
@@ -242,8 +255,16 @@ def photometer_image(
     # first with the background's photon noise, then, where the fitted sources add
     # appreciably to it (5 % of the variance in the source's pixel), with theirs as well
     xs, ys = x - x0, y - y0
+    pedestal = pedestal_var = None
+    if local_background and x.size:
+        source = (flags & np.uint32(_flags.Flag.SOURCE)) != 0
+        pedestal, pedestal_var = local_backgrounds(data, source | ~usable, xs, ys, half_size=half_size)
+        crowded = ~np.isfinite(pedestal)
+        pedestal[crowded], pedestal_var[crowded] = local_backgrounds(data, ~usable, xs[crowded], ys[crowded],
+                                                                     half_size=half_size)
+    local = {"pedestal": pedestal, "pedestal_variance": pedestal_var}
     res = forced_photometry(data, weights(background), flags, xs, ys, zone, bank, zone_weight=zone_weight,
-                            half_size=half_size)
+                            half_size=half_size, **local)
     if per_signal > 0 and x.size:
         sources = render_sources(image.shape, xs, ys, zone, np.fmax(res["flux"], 0.0), bank,
                                  zone_weight=zone_weight)
@@ -254,7 +275,7 @@ def photometer_image(
         redo = np.flatnonzero(extra > 0.05)
         if redo.size:
             again = forced_photometry(data, weights(background + sources), flags, xs, ys, zone, bank,
-                                      zone_weight=zone_weight, half_size=half_size, targets=redo)
+                                      zone_weight=zone_weight, half_size=half_size, targets=redo, **local)
             for k, v in again.items():
                 v_old = res[k]
                 v_old[redo] = v[redo]

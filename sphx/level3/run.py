@@ -10,8 +10,8 @@ sources fall in (table ``l3a_photometry``, partition ``healpix64``, key
 tile's pieces and writes the primary, secondary and high-reliability catalogs as tables
 ``l3_primary``, ``l3_secondary``, ``l3_high_reliability`` (partition ``healpix64``, key
 ``tile``). Rerunning after new images arrive therefore redoes only the new images and
-the tiles they touch. The three HATS catalogs (``<repo>/hats/<table>``) are then
-rewritten from those tables.
+the tiles they touch; the three HATS catalogs (``<repo>/hats/<table>``) have those
+tiles replaced.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def photometer(repo: Repository, level: str, band: int, obsid: str, config: Leve
     table = photometer_image(cube, catalog, band=band, obs=obs, psf=calib["average_psf"],
                              sapm=calib["solid_angle_pixel_map"], spectral_wcs=calib["spectral_wcs"],
                              background=estimate.background, mask=int(_flags.mask(*config.photometry_mask)),
-                             half_size=config.half_size)
+                             local_background=estimate.method == "local", half_size=config.half_size)
     provenance = {"step": "perform_forced_photometry", "level": level, "band": band, "obsid": obsid,
                   "background": estimate.method, "usable_fraction": estimate.usable_fraction,
                   "calibrations": {n: repo.calibration_versions(n)[-1] for n in _CALIBRATIONS}}
@@ -199,7 +199,7 @@ def run_level3(
     report.tiles = list(dask.compute(*tile_tasks)) if tile_tasks else []
     if config.hats and tiles:
         for name in CATALOG_TABLES:
-            path = _update_hats(repo, name)
+            path = _update_hats(repo, name, tiles)
             if path is None:
                 log(f"  {name}: no rows, no HATS catalog")
             else:
@@ -217,12 +217,18 @@ def _catalog_task(location: str, tile: int, config: Level3Config) -> dict[str, A
     return catalog_tile(open_repository(location), tile, config)
 
 
-def _update_hats(repo: Repository, name: str):
-    """Rewrite the HATS catalog ``name`` from all tiles of the table (None: no rows)."""
-    table = repo.read_table(name)
+def _update_hats(repo: Repository, name: str, tiles: list[int]):
+    """Replace the changed tiles of the HATS catalog ``name`` (the whole catalog when it
+    is new, or when a row's position lies in an unchanged tile); None: no rows."""
+    table = repo.read_table(name, filter=pc.field(_TILE).isin(tiles))
     if not table.num_rows:
         return None
-    tile_of = table.column(_TILE).to_numpy()
-    by_tile = {int(t): table.filter(pc.equal(table.column(_TILE), t)).drop_columns([_TILE])
-               for t in np.unique(tile_of)}
-    return write_hats(repo.catalog_path(name), by_tile, name=f"sphx_{name}", overwrite=True)
+    by_tile = {int(t): table.filter(pc.equal(table.column(_TILE), t)).drop_columns([_TILE]) for t in tiles}
+    path = repo.catalog_path(name)
+    try:
+        return write_hats(path, by_tile, name=f"sphx_{name}", update=True)
+    except ValueError:
+        table = repo.read_table(name)
+        by_tile = {int(t): table.filter(pc.equal(table.column(_TILE), t)).drop_columns([_TILE])
+                   for t in np.unique(table.column(_TILE).to_numpy())}
+        return write_hats(path, by_tile, name=f"sphx_{name}", overwrite=True)
