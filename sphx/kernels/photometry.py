@@ -269,6 +269,7 @@ def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cel
                         design[(yy - y0) * w_cut + (xx - x0), m] = stamp[jj, ii]
         fisher = np.zeros((k, k))
         rhs = np.zeros(k)
+        ones = np.zeros(k)  # A^T W 1: how a pedestal moves the fit
         used = 0
         for p in range(npx):
             yy, xx = y0 + p // w_cut, x0 + p % w_cut
@@ -283,6 +284,7 @@ def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cel
                 if va == 0.0:
                     continue
                 rhs[a] += w * va * d
+                ones[a] += w * va
                 for b in range(a + 1):
                     fisher[a, b] += w * va * design[p, b]
         for a in range(k):
@@ -324,18 +326,10 @@ def _forced(image, weight, flags, xs, ys, zones, targets, order, cell_start, cel
             coef[active[a]] = acc
         flux[s] = coef[0]
         # a pedestal b moves the fit by -F^-1 A^T W 1 b: its variance adds through that
-        extra = 0.0
-        if pedestal_var[s] > 0:
-            gain = 0.0
-            for a in range(na):
-                u = 0.0
-                for p in range(npx):
-                    yy, xx = y0 + p // w_cut, x0 + p % w_cut
-                    w = weight[yy, xx]
-                    if w > 0 and np.isfinite(image[yy, xx]):
-                        u += w * design[p, active[a]]
-                gain += inv[0, a] * u
-            extra = gain * gain * pedestal_var[s]
+        gain = 0.0
+        for a in range(na):
+            gain += inv[0, a] * ones[active[a]]
+        extra = gain * gain * pedestal_var[s] if pedestal_var[s] > 0 else 0.0
         error[s] = math.sqrt(inv[0, 0] + extra)
         error_diag[s] = 1.0 / math.sqrt(fisher[0, 0])
         resid = 0.0

@@ -27,7 +27,6 @@ from ..ephemeris import julian_year, observer_barycentric
 from ..errors import StepError
 from ..kernels.photometry import (
     PHOT_STATUS,
-    TemplateBank,
     forced_photometry,
     local_backgrounds,
     render_sources,
@@ -147,17 +146,6 @@ def image_catalog(refcat: Any, cube: xr.Dataset, *, band: int, obs: int) -> pa.T
     return table
 
 
-def _bank(psf: xr.Dataset, band: int, cache: dict[Any, TemplateBank] | None) -> TemplateBank:
-    key = (id(psf), band)
-    if cache is not None and key in cache:
-        return cache[key]
-    cube = np.asarray(psf["PSF"].sel(band=band).values, dtype=np.float64)
-    bank = template_bank(cube, oversampling=int(psf.attrs.get("oversampling", 10)))
-    if cache is not None:
-        cache[key] = bank
-    return bank
-
-
 def photometer_image(
     cube: xr.Dataset,
     catalog: pa.Table,
@@ -171,7 +159,6 @@ def photometer_image(
     mask: int = int(PHOTOMETRY_MASK),
     local_background: bool = False,
     half_size: int = 7,
-    bank_cache: dict[Any, TemplateBank] | None = None,
 ) -> pa.Table:
     """Forced photometry of the catalogue sources on one image of a Level 2 cube.
 
@@ -201,8 +188,6 @@ def photometer_image(
         ``background`` is only the smooth part.
     half_size
         Cutout half size [pixel] (7: 15 x 15).
-    bank_cache
-        Dict in which the PSF templates of a band are kept between calls.
 
     Returns
     -------
@@ -223,10 +208,10 @@ def photometer_image(
     flags = np.asarray(cell["FLAGS"].values).astype(np.uint32, copy=False)
     x0, y0 = int(cube["x"].values[0]), int(cube["y"].values[0])
     ny, nx = image.shape
-    background = np.asarray(background, dtype=np.float64)
+    background = np.asarray(background, dtype=np.float32)
     usable = (flags & np.uint32(mask)) == 0
     v0, per_signal = noise_model(image, variance, usable)
-    data = image - background.astype(np.float32)
+    data = image - background
 
     mjd = float(cube["mjd_avg"].sel(obs=obs).values)
     obsid = str(cube["obsid"].sel(obs=obs).values)
@@ -244,7 +229,8 @@ def photometer_image(
     # a row per source centred on the image; its neighbours just off it still join fits
     on = (x > x0 - 0.5) & (x < x0 + nx - 0.5) & (y > y0 - 0.5) & (y < y0 + ny - 0.5)
     zone, zone_weight = psf_zone_weights(x, y, psf["zone_x"].values, psf["zone_y"].values)
-    bank = _bank(psf, band, bank_cache)
+    bank = template_bank(np.asarray(psf["PSF"].sel(band=band).values, dtype=np.float64),
+                         oversampling=int(psf.attrs.get("oversampling", 10)))
 
     def weights(model: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -255,6 +241,8 @@ def photometer_image(
     # first with the background's photon noise, then, where the fitted sources add
     # appreciably to it (5 % of the variance in the source's pixel), with theirs as well
     xs, ys = x - x0, y - y0
+    ix = np.clip(np.floor(xs + 0.5).astype(np.int64), 0, nx - 1)  # the pixel of each source
+    iy = np.clip(np.floor(ys + 0.5).astype(np.int64), 0, ny - 1)
     pedestal = pedestal_var = None
     if local_background and x.size:
         source = (flags & np.uint32(_flags.Flag.SOURCE)) != 0
@@ -268,8 +256,6 @@ def photometer_image(
     if per_signal > 0 and x.size:
         sources = render_sources(image.shape, xs, ys, zone, np.fmax(res["flux"], 0.0), bank,
                                  zone_weight=zone_weight)
-        ix = np.clip(np.floor(xs + 0.5).astype(np.int64), 0, nx - 1)
-        iy = np.clip(np.floor(ys + 0.5).astype(np.int64), 0, ny - 1)
         first = v0[iy, ix] + per_signal * np.maximum(background[iy, ix], 0.0)
         extra = per_signal * sources[iy, ix] / np.where(first > 0, first, np.inf)
         redo = np.flatnonzero(extra > 0.05)
@@ -280,25 +266,20 @@ def photometer_image(
                 v_old = res[k]
                 v_old[redo] = v[redo]
 
-    ix = np.clip(np.floor(x - x0 + 0.5).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.floor(y - y0 + 0.5).astype(np.int64), 0, ny - 1)
     omega = np.asarray(sapm["SAPM"].sel(band=band).values)[y0:y0 + ny, x0:x0 + nx][iy, ix].astype(np.float64)
     to_ujy = omega * _SR_PER_ARCSEC2 * _UJY_PER_MJY
     cwave = np.asarray(spectral_wcs["CWAVE"].sel(band=band).values)[y0:y0 + ny, x0:x0 + nx][iy, ix]
     cband = np.asarray(spectral_wcs["CBAND"].sel(band=band).values)[y0:y0 + ny, x0:x0 + nx][iy, ix]
     ra, dec = wcs.all_pix2world(x, y, 0) if x.size else (np.zeros(0), np.zeros(0))
 
-    neighbour = res["neighbour"]
-    has = neighbour >= 0
-    nb_scale = to_ujy[:, None] * np.where(has, to_ujy[np.where(has, neighbour, 0)], np.nan)
     keep = np.flatnonzero(on)
-    lists_id, lists_cov, offsets = [], [], [0]
-    for i in keep:
-        sel = has[i]
-        lists_id.append(ids[rows[neighbour[i, sel]]])
-        lists_cov.append(res["neighbour_cov"][i, sel] * nb_scale[i, sel])
-        offsets.append(offsets[-1] + int(sel.sum()))
-    offsets_arr = pa.array(np.asarray(offsets, np.int32))
+    # neighbour lists, row by row: the reported neighbours of each kept source
+    neighbour = res["neighbour"][keep]
+    has = neighbour >= 0
+    offsets_arr = pa.array(np.concatenate([[0], np.cumsum(has.sum(axis=1))]).astype(np.int32))
+    nb = neighbour[has]
+    nb_ids = ids[rows[nb]]
+    nb_cov = res["neighbour_cov"][keep][has] * np.broadcast_to(to_ujy[keep][:, None], has.shape)[has] * to_ujy[nb]
     ra_k, dec_k = np.asarray(ra)[keep], np.asarray(dec)[keep]
     columns = {
         "source_id": pa.array(ids[rows[keep]], pa.int64()),
@@ -315,10 +296,8 @@ def photometer_image(
         "phot_status": pa.array(res["status"][keep].astype(np.int32)),
         "chi2": pa.array(res["chi2"][keep]),
         "n_blend": pa.array(res["n_blend"][keep].astype(np.int32)),
-        "neighbour_id": pa.ListArray.from_arrays(
-            offsets_arr, pa.array(np.concatenate(lists_id) if lists_id else np.zeros(0, np.int64), pa.int64())),
-        "neighbour_cov": pa.ListArray.from_arrays(
-            offsets_arr, pa.array(np.concatenate(lists_cov) if lists_cov else np.zeros(0), pa.float64())),
+        "neighbour_id": pa.ListArray.from_arrays(offsets_arr, pa.array(nb_ids, pa.int64())),
+        "neighbour_cov": pa.ListArray.from_arrays(offsets_arr, pa.array(nb_cov, pa.float64())),
         # tile of the catalogue position, so that all measurements of a source share one
         "healpix64": pa.array(hp.ang2pix(L3_NSIDE, cat[rows[keep], RA], cat[rows[keep], DEC], lonlat=True,
                                          nest=True).astype(np.int64) if keep.size else np.zeros(0, np.int64)),
