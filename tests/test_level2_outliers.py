@@ -26,6 +26,7 @@ from sphx.testing import raise_if_dask_computes
 INST = SPHEREX_SMALL
 N = INST.n_active
 EXCLUDE = int(F.mask(*OutlierConfig().exclude))
+NEIGHBOURS = int(F.mask(*OutlierConfig().neighbours_of))
 OUTLIER, SOURCE = np.uint32(F.Flag.OUTLIER), np.uint32(F.Flag.SOURCE)
 OBSIDS = ["2025W51_1A_0001_1", "2025W51_1A_0001_2"]
 NO_PSF_TEST = np.empty((3, 0))  # a table without zones: the significance test alone (the old behaviour)
@@ -197,6 +198,21 @@ def test_kernel_saturated_neighbours_dips_and_margins(psf_of):
                            saturated=0)[0] & OUTLIER)[50, 100]
 
 
+def test_kernel_flags_the_edge_neighbours_of_hits(psf_of):
+    table = psf_of[1][2]
+    image = np.full((N, N), 10.0, np.float32)
+    variance = np.ones((N, N), np.float32)
+    flags = np.zeros((N, N), np.uint32)
+    image[50, 50] += 200.0  # a hit found here
+    flags[120, 0] |= np.uint32(F.Flag.TRANSIENT)  # one found on board, at the edge
+    out = _kernel(image, variance, flags, table, neighbours_of=NEIGHBOURS)[0]
+    expected = {(50, 50), (49, 50), (51, 50), (50, 49), (50, 51), (119, 0), (121, 0), (120, 1)}
+    assert {tuple(p) for p in np.argwhere(out & OUTLIER)} == expected
+    assert out[120, 0] == F.Flag.TRANSIENT  # the seed keeps its own flag only
+    np.testing.assert_array_equal(out & ~OUTLIER, flags)
+    assert not (_kernel(image, variance, flags, table)[0] & OUTLIER)[49, 50]  # off by default in the kernel
+
+
 def test_kernel_finds_each_pixels_zone(psf_of):
     cwave, _, table = psf_of[1]
     image, variance, flags, _, _ = _scene(cwave, seed=5)
@@ -248,20 +264,21 @@ def test_step_is_lazy_and_runs_the_kernel_per_image(psf_of):
     calib = {"average_psf": _average_psf(psf_of, bands).chunk({"band": 1})}
     with raise_if_dask_computes():
         out = detect_outliers(ds, calib=calib)
-        plain = detect_outliers(ds, calib=calib, config={"sharpness": False})
+        bare = detect_outliers(ds, calib=calib, config={"neighbours_of": []})
+        plain = detect_outliers(ds, calib=calib, config={"sharpness": False, "neighbours_of": []})
     assert out["FLAGS"].dtype == np.uint32 and out["outlier_pull_std"].dims == ("band", "obs")
-    out, plain = out.compute(), plain.compute()
+    out, bare, plain = out.compute(), bare.compute(), plain.compute()
     for i, b in enumerate(bands):
         for j in range(len(OBSIDS)):
             args = [ds[v].values[i, j] for v in ("IMAGE", "VARIANCE", "FLAGS")]
-            expected, width = _kernel(*args, psf_of[b][2])
+            expected, width = _kernel(*args, psf_of[b][2], neighbours_of=NEIGHBOURS)
             np.testing.assert_array_equal(out["FLAGS"].values[i, j], expected)
             assert out["outlier_pull_std"].values[i, j] == width
             # sharpness off: the old step, a plain 5-sigma clip against the 5x5 median
             image, variance, _ = args
             pull = (image - median_filter(image, size=5, mode="reflect")) / np.sqrt(variance * (1 + np.pi / 50))
             np.testing.assert_array_equal((plain["FLAGS"].values[i, j] & OUTLIER) != 0, pull > 5.0)
-    assert ((out["FLAGS"].values & OUTLIER) != 0).sum() < 0.2 * ((plain["FLAGS"].values & OUTLIER) != 0).sum()
+    assert ((bare["FLAGS"].values & OUTLIER) != 0).sum() < 0.2 * ((plain["FLAGS"].values & OUTLIER) != 0).sum()
 
 
 def test_step_takes_the_source_margin_everywhere_where_fine_astrometry_failed(psf_of):
@@ -275,7 +292,8 @@ def test_step_takes_the_source_margin_everywhere_where_fine_astrometry_failed(ps
     table = psf_of[1][2]
     for j, margin in enumerate((1.0, 2.0)):
         args = [ds[v].values[0, j] for v in ("IMAGE", "VARIANCE", "FLAGS")]
-        np.testing.assert_array_equal(flags[0, j], _kernel(*args, table, sharpness_nsigma=margin)[0])
+        np.testing.assert_array_equal(flags[0, j], _kernel(*args, table, sharpness_nsigma=margin,
+                                                           neighbours_of=NEIGHBOURS)[0])
     assert not np.array_equal(_kernel(*args, table, sharpness_nsigma=1.0)[0], flags[0, 1])
 
 

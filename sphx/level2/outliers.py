@@ -45,7 +45,14 @@ out). A pixel is flagged OUTLIER when two tests agree:
    judged by test 1 alone. Negative excesses (``two_sided``) are judged by test 1 alone:
    no source makes a dip.
 
-Pixels already flagged keep their flags and may be flagged OUTLIER too.
+The four edge neighbours of every hit, found on board (TRANSIENT) or here, are flagged
+OUTLIER as well (``neighbours_of``), whatever their value, as jwst's jump step flags
+them: each holds about 3 % of the hit's charge, several sigma for a hit of a few
+hundred electrons, and on simulated surveys they were 98 % of the unflagged pixels
+more than 5 sigma above the true sky (a positive tail that widened photometric pulls
+from 1.00 to 1.04-1.06). Flagging them whatever their value keeps the choice
+independent of their noise. Pixels already flagged keep their flags and may be
+flagged OUTLIER too.
 
 Also recorded per image: ``outlier_pull_std``, the robust width (1.4826 MAD) of the
 normalised residual over unflagged pixels, which should be close to 1 when VARIANCE
@@ -100,6 +107,9 @@ class OutlierConfig(StepConfig):
                                "with FINAST != 0 [sigma of e - R n]")
     saturated: _flags.FlagNames = pydantic.Field(
         ("OVERFLOW",), description="flags whose value is a lower bound: a pixel next to one is never sharp")
+    neighbours_of: _flags.FlagNames = pydantic.Field(
+        ("TRANSIENT", "OUTLIER"), description="the four edge neighbours of pixels with these flags are flagged "
+                                              "OUTLIER too (a hit shares a few % of its charge with them)")
 
     @pydantic.field_validator("size")
     @classmethod
@@ -311,8 +321,8 @@ def _zone_lookup(table: np.ndarray, x0: int, y0: int, ny: int, nx: int) -> tuple
 @per_image
 def outlier_kernel(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, table: np.ndarray, *, size: int,
                    nsigma: float, two_sided: bool, exclude: int, saturated: int = int(_flags.Flag.OVERFLOW),
-                   sharpness_nsigma: float = 1.0, source_sharpness_nsigma: float = 2.0, x0: int = 0,
-                   y0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   sharpness_nsigma: float = 1.0, source_sharpness_nsigma: float = 2.0, neighbours_of: int = 0,
+                   x0: int = 0, y0: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(flags with OUTLIER set, robust width of the normalised residual) of one image.
 
     Parameters
@@ -324,8 +334,9 @@ def outlier_kernel(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, t
         zone centre x, y [pixel]; with no zones, (3, 0), only the significance test runs.
     size, nsigma, two_sided, sharpness_nsigma, source_sharpness_nsigma
         As in :class:`OutlierConfig`.
-    exclude, saturated
-        Bit masks: flags left out of the median; flags whose value is a lower bound.
+    exclude, saturated, neighbours_of
+        Bit masks: flags left out of the median; flags whose value is a lower bound;
+        flags whose pixels' four edge neighbours are flagged OUTLIER as well.
     x0, y0
         Active-frame position [pixel] of pixel (0, 0), to find each pixel's zone.
     """
@@ -337,7 +348,19 @@ def outlier_kernel(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, t
                        np.float32(nsigma), two_sided, np.float64(sharpness_nsigma), np.float64(source_sharpness_nsigma),
                        flags.dtype.type(_flags.Flag.OUTLIER), flags.dtype.type(_flags.Flag.SOURCE),
                        flags.dtype.type(saturated))
+    if neighbours_of:
+        out |= _edge_neighbours((out & flags.dtype.type(neighbours_of)) != 0) * flags.dtype.type(_flags.Flag.OUTLIER)
     return out, np.float64(width)
+
+
+def _edge_neighbours(seed: np.ndarray) -> np.ndarray:
+    """Pixels sharing an edge with a ``seed`` pixel (and not seeds themselves)."""
+    near = np.zeros_like(seed)
+    near[1:] |= seed[:-1]
+    near[:-1] |= seed[1:]
+    near[:, 1:] |= seed[:, :-1]
+    near[:, :-1] |= seed[:, 1:]
+    return near & ~seed
 
 
 # --- the step ------------------------------------------------------------------------------
@@ -442,7 +465,8 @@ def detect_outliers(
         input_core_dims=[["y", "x"]] * 3 + [["limit_row", "zone"], []], output_core_dims=[["y", "x"], []],
         kwargs={"size": config.size, "nsigma": config.nsigma, "two_sided": config.two_sided,
                 "exclude": int(_flags.mask(*config.exclude)), "saturated": int(_flags.mask(*config.saturated)),
-                "source_sharpness_nsigma": config.source_sharpness_nsigma, "x0": x0, "y0": y0},
+                "source_sharpness_nsigma": config.source_sharpness_nsigma,
+                "neighbours_of": int(_flags.mask(*config.neighbours_of)), "x0": x0, "y0": y0},
         output_dtypes=[_flags.FLAG_DTYPE, np.float64],
     )
     out = ds.copy()

@@ -13,6 +13,7 @@ image, flagged rather than dropped when it cannot be measured.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import healpy as hp
@@ -158,6 +159,7 @@ def photometer_image(
     background: np.ndarray,
     mask: int = int(PHOTOMETRY_MASK),
     local_background: bool = False,
+    refine_background: Callable[[np.ndarray], np.ndarray] | None = None,
     half_size: int = 7,
 ) -> pa.Table:
     """Forced photometry of the catalogue sources on one image of a Level 2 cube.
@@ -186,6 +188,13 @@ def photometer_image(
         SOURCE pixels left out (or, with fewer than 10 others, clipped away), and add
         its uncertainty to the flux errors: the local estimate of crowded images, where
         ``background`` is only the smooth part.
+    refine_background
+        Background estimator of an image [MJy/sr] (the one that gave ``background``):
+        when given, it is applied again to the image minus the fitted catalogue
+        sources and every source is fitted again on that background. An estimate from
+        the image itself includes the light of the sources' wings outside the SOURCE
+        mask and of faint unmasked sources, which the fit also models: on Level 2
+        images of simulated surveys that lowered isolated fluxes by 0.024 of their errors.
     half_size
         Cutout half size [pixel] (7: 15 x 15).
 
@@ -211,7 +220,6 @@ def photometer_image(
     background = np.asarray(background, dtype=np.float32)
     usable = (flags & np.uint32(mask)) == 0
     v0, per_signal = noise_model(image, variance, usable)
-    data = image - background
 
     mjd = float(cube["mjd_avg"].sel(obs=obs).values)
     obsid = str(cube["obsid"].sel(obs=obs).values)
@@ -238,33 +246,48 @@ def photometer_image(
         w[~np.isfinite(w)] = 0.0
         return w.astype(np.float32)
 
-    # first with the background's photon noise, then, where the fitted sources add
-    # appreciably to it (5 % of the variance in the source's pixel), with theirs as well
     xs, ys = x - x0, y - y0
     ix = np.clip(np.floor(xs + 0.5).astype(np.int64), 0, nx - 1)  # the pixel of each source
     iy = np.clip(np.floor(ys + 0.5).astype(np.int64), 0, ny - 1)
-    pedestal = pedestal_var = None
-    if local_background and x.size:
-        source = (flags & np.uint32(_flags.Flag.SOURCE)) != 0
-        pedestal, pedestal_var = local_backgrounds(data, source | ~usable, xs, ys, half_size=half_size)
-        crowded = ~np.isfinite(pedestal)
-        pedestal[crowded], pedestal_var[crowded] = local_backgrounds(data, ~usable, xs[crowded], ys[crowded],
-                                                                     half_size=half_size)
-    local = {"pedestal": pedestal, "pedestal_variance": pedestal_var}
-    res = forced_photometry(data, weights(background), flags, xs, ys, zone, bank, zone_weight=zone_weight,
-                            half_size=half_size, **local)
-    if per_signal > 0 and x.size:
+    excluded = ~usable | ((flags & np.uint32(_flags.Flag.SOURCE)) != 0)
+
+    def pedestals(residual: np.ndarray) -> dict[str, np.ndarray | None]:
+        if not (local_background and x.size):
+            return {"pedestal": None, "pedestal_variance": None}
+        level, var = local_backgrounds(residual, excluded, xs, ys, half_size=half_size)
+        crowded = ~np.isfinite(level)
+        level[crowded], var[crowded] = local_backgrounds(residual, ~usable, xs[crowded], ys[crowded],
+                                                         half_size=half_size)
+        return {"pedestal": level, "pedestal_variance": var}
+
+    def fit(data: np.ndarray, w: np.ndarray, local: dict[str, np.ndarray | None],
+            targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return forced_photometry(data, w, flags, xs, ys, zone, bank, zone_weight=zone_weight,
+                                 half_size=half_size, targets=targets, **local)
+
+    # first with the background's photon noise; then with the fitted sources' as well
+    # (and, with refine_background, on the background of the image without them)
+    local = pedestals(image - background)
+    res = fit(image - background, weights(background), local)
+    if x.size and (per_signal > 0 or refine_background is not None):
         sources = render_sources(image.shape, xs, ys, zone, np.fmax(res["flux"], 0.0), bank,
                                  zone_weight=zone_weight)
-        first = v0[iy, ix] + per_signal * np.maximum(background[iy, ix], 0.0)
-        extra = per_signal * sources[iy, ix] / np.where(first > 0, first, np.inf)
-        redo = np.flatnonzero(extra > 0.05)
-        if redo.size:
-            again = forced_photometry(data, weights(background + sources), flags, xs, ys, zone, bank,
-                                      zone_weight=zone_weight, half_size=half_size, targets=redo, **local)
-            for k, v in again.items():
-                v_old = res[k]
-                v_old[redo] = v[redo]
+        targets = None
+        if refine_background is not None:
+            background = np.asarray(refine_background(image - sources), dtype=np.float32)
+            if background.shape != image.shape:
+                raise StepError(f"refine_background gave shape {background.shape}, image has {image.shape}")
+            local = pedestals(image - background - sources)
+        else:  # only sources that add appreciably (5 %) to the variance in their pixel
+            first = v0[iy, ix] + per_signal * np.maximum(background[iy, ix], 0.0)
+            targets = np.flatnonzero(per_signal * sources[iy, ix] / np.where(first > 0, first, np.inf) > 0.05)
+        if targets is None or targets.size:
+            again = fit(image - background, weights(background + sources), local, targets)
+            if targets is None:
+                res = again
+            else:
+                for k, v in again.items():
+                    res[k][targets] = v[targets]
 
     omega = np.asarray(sapm["SAPM"].sel(band=band).values)[y0:y0 + ny, x0:x0 + nx][iy, ix].astype(np.float64)
     to_ujy = omega * _SR_PER_ARCSEC2 * _UJY_PER_MJY

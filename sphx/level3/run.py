@@ -16,6 +16,7 @@ tiles replaced.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Level3Config(pydantic.BaseModel):
     background_filter: int = 3
     max_source_fraction: float = 0.75
     min_usable: float = 0.9
+    refine_background: bool = True  # estimate it again without the fitted sources, and fit again
     photometry_mask: tuple[str, ...] = tuple(f.name for f in _flags.REGISTRY if f.value & int(PHOTOMETRY_MASK))
     half_size: int = 7
     bright_snr: float = 100.0
@@ -87,14 +89,19 @@ def photometer(repo: Repository, level: str, band: int, obsid: str, config: Leve
     cwave = calib["spectral_wcs"]["CWAVE"].sel(band=band).values
     x0, y0 = int(cube["x"].values[0]), int(cube["y"].values[0])
     ny, nx = pixels["IMAGE"].shape
-    estimate = estimate_background(
-        pixels["IMAGE"].values, pixels["FLAGS"].values, pixels["ZODI"].values, cwave[y0:y0 + ny, x0:x0 + nx],
-        box_size=config.background_box, filter_size=config.background_filter,
-        max_source_fraction=config.max_source_fraction, min_usable=config.min_usable)
+    background = functools.partial(
+        estimate_background, flags=pixels["FLAGS"].values, zodi=pixels["ZODI"].values,
+        wavelength=cwave[y0:y0 + ny, x0:x0 + nx], box_size=config.background_box,
+        filter_size=config.background_filter, max_source_fraction=config.max_source_fraction,
+        min_usable=config.min_usable)
+    estimate = background(pixels["IMAGE"].values)
     table = photometer_image(cube, catalog, band=band, obs=obs, psf=calib["average_psf"],
                              sapm=calib["solid_angle_pixel_map"], spectral_wcs=calib["spectral_wcs"],
                              background=estimate.background, mask=int(_flags.mask(*config.photometry_mask)),
-                             local_background=estimate.method == "local", half_size=config.half_size)
+                             local_background=estimate.method == "local",
+                             refine_background=(lambda image: background(image).background)
+                             if config.refine_background else None,
+                             half_size=config.half_size)
     provenance = {"step": "perform_forced_photometry", "level": level, "band": band, "obsid": obsid,
                   "background": estimate.method, "usable_fraction": estimate.usable_fraction,
                   "calibrations": {n: repo.calibration_versions(n)[-1] for n in _CALIBRATIONS}}
