@@ -34,20 +34,15 @@ from scipy.spatial import cKDTree
 from sphx.kernels.photometry import forced_photometry, render_sources, template_bank
 from sphx.level3.background import estimate_background
 from sphx.level3.photometry import psf_zone_weights
-from sphx.simulate.optics import WING_FRACTION, WING_SCALE, _bin_integrals, render_point_sources
+from sphx.simulate.optics import psf_plane, render_point_sources
 
 SIZE = 2040
 OVER, PSF_SIZE, ZONES = 10, 101, 11
 
 
-def psf_plane(sigma: float) -> np.ndarray:
+def plane(sigma: float) -> np.ndarray:
     """The simulator's core + wing PSF integrated over 10x oversampled pixels."""
-    step = 1.0 / OVER
-    start = -(PSF_SIZE / 2) * step
-    core, wing = np.empty(PSF_SIZE), np.empty(PSF_SIZE)
-    _bin_integrals(0.0, sigma, start, PSF_SIZE, step, core)
-    _bin_integrals(0.0, sigma * WING_SCALE, start, PSF_SIZE, step, wing)
-    return (1 - WING_FRACTION) * np.outer(core, core) + WING_FRACTION * np.outer(wing, wing)
+    return psf_plane(sigma, sigma, size=PSF_SIZE, oversampling=OVER)
 
 
 def scene(rng: np.random.Generator, n: int, count: int, sigma: float) -> tuple[np.ndarray, ...]:
@@ -64,7 +59,7 @@ def full_image(args, rng) -> None:
     centres = (np.arange(ZONES) + 0.5) * SIZE / ZONES - 0.5
     u = (centres - SIZE / 2) / (SIZE / 2)
     zone_sigma = 0.4 * (1 + 0.1 * (u[None, :] ** 2 + u[:, None] ** 2)).ravel()
-    cube = np.stack([psf_plane(s) for s in zone_sigma]).astype(np.float32)
+    cube = np.stack([plane(s) for s in zone_sigma]).astype(np.float32)
     x_all = rng.uniform(-2, SIZE + 1, args.sources)
     y_all = rng.uniform(-2, SIZE + 1, args.sources)
     zx = np.clip(np.floor((x_all + 0.5) * ZONES / SIZE), 0, ZONES - 1).astype(np.int64)
@@ -131,18 +126,18 @@ def against_photutils(args, rng) -> None:
     image, x, y, flux = scene(rng, n, count, sigma)
     inside = (x > 0) & (x < n - 1) & (y > 0) & (y < n - 1)  # photutils needs the centre on the image
     x, y, flux = x[inside], y[inside], flux[inside]
-    plane = psf_plane(sigma)
+    one = plane(sigma)
     weight, flags = np.ones_like(image), np.zeros(image.shape, np.uint32)
     zone = np.zeros(x.size, np.int64)
 
     def ours():
-        return forced_photometry(image, weight, flags, x, y, zone, template_bank(plane[None], oversampling=OVER))
+        return forced_photometry(image, weight, flags, x, y, zone, template_bank(one[None], oversampling=OVER))
 
     ours()
     t_ours = best(ours, args.repeat)
     res = ours()
     # the effective PSF: native-pixel integrals centred on each oversampled sample
-    c = np.cumsum(np.cumsum(np.pad(plane, ((1, 0), (1, 0))), 0), 1)
+    c = np.cumsum(np.cumsum(np.pad(one, ((1, 0), (1, 0))), 0), 1)
     epsf = c[OVER:, OVER:] - c[:-OVER, OVER:] - c[OVER:, :-OVER] + c[:-OVER, :-OVER]
     model = ImagePSF(epsf, oversampling=OVER, origin=((PSF_SIZE - 1) / 2 - (OVER - 1) / 2,) * 2)
     model.x_0.fixed = True

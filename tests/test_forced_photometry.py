@@ -7,19 +7,13 @@ import pytest
 from scipy.spatial import cKDTree
 
 from sphx.kernels.photometry import PHOT_STATUS, forced_photometry, template_bank
-from sphx.simulate.optics import WING_FRACTION, WING_SCALE, _bin_integrals, render_point_sources
+from sphx.simulate.optics import psf_plane, render_point_sources
 
 SIGMA = 0.4  # core width [native pixel]: undersampled, as SPHEREx
 
 
 def _psf_plane(sigma: float, size: int = 101, over: int = 10) -> np.ndarray:
-    """The simulator's core + wing PSF integrated over oversampled pixels (centre at 50)."""
-    step = 1.0 / over
-    start = -(size / 2) * step
-    core, wing = np.empty(size), np.empty(size)
-    _bin_integrals(0.0, sigma, start, size, step, core)
-    _bin_integrals(0.0, sigma * WING_SCALE, start, size, step, wing)
-    return (1 - WING_FRACTION) * np.outer(core, core) + WING_FRACTION * np.outer(wing, wing)
+    return psf_plane(sigma, sigma, size=size, oversampling=over)
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,21 @@ def psf_zone_centers(instrument: Instrument) -> np.ndarray:
     return (np.arange(z) + 0.5) * instrument.n_active / z - 0.5
 
 
+def psf_plane(sx: float, sy: float, *, size: int, oversampling: int) -> np.ndarray:
+    """The optical PSF (core plus wing, widths ``sx``, ``sy`` [pixel]) centred on a
+    (size, size) stamp, integrated over pixels of 1 / ``oversampling`` of a native pixel."""
+    step = 1.0 / oversampling
+    start = -(size / 2.0) * step
+    prof = []
+    for sig in (sx, sy):
+        core, wing = np.empty(size), np.empty(size)
+        _bin_integrals(0.0, float(sig), start, size, step, core)
+        _bin_integrals(0.0, float(sig) * WING_SCALE, start, size, step, wing)
+        prof.append((core, wing))
+    (cx, wx), (cy, wy) = prof
+    return (1 - WING_FRACTION) * np.outer(cy, cx) + WING_FRACTION * np.outer(wy, wx)
+
+
 def psf_cube(instrument: Instrument, cwave: np.ndarray) -> np.ndarray:
     """The ``average_psf`` of one detector: (zones^2, size, size) float32.
 
@@ -183,22 +198,12 @@ def psf_cube(instrument: Instrument, cwave: np.ndarray) -> np.ndarray:
     """
     centers = psf_zone_centers(instrument)
     size, over = instrument.psf_size, instrument.psf_oversampling
-    step = 1.0 / over
-    start = -(size / 2.0) * step
     out = np.empty((centers.size**2, size, size), dtype=np.float32)
     for iy, yc in enumerate(centers):
         for ix, xc in enumerate(centers):
             lam = cwave[round(yc), round(xc)]
             sx, sy = psf_sigmas(lam, xc, yc, instrument=instrument)
-            prof = []
-            for sig in (sx, sy):
-                core = np.empty(size)
-                wing = np.empty(size)
-                _bin_integrals(0.0, float(sig), start, size, step, core)
-                _bin_integrals(0.0, float(sig) * WING_SCALE, start, size, step, wing)
-                prof.append((core, wing))
-            (cx, wx), (cy, wy) = prof
-            plane = (1 - WING_FRACTION) * np.outer(cy, cx) + WING_FRACTION * np.outer(wy, wx)
+            plane = psf_plane(sx, sy, size=size, oversampling=over)
             out[iy * centers.size + ix] = plane
     return out
 
