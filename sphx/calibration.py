@@ -66,6 +66,12 @@ for _spec in (
     ),
     ProductSpec("dark", "dark current", {"DARK": (PIXEL_DIMS, ELECTRON_RATE)}, optional={"DARK_ERR": (PIXEL_DIMS, ELECTRON_RATE)}),
     ProductSpec(
+        "flat_field",
+        "response of each pixel relative to its spectral channel (an input of the absolute gain matrix)",
+        {"FLAT": (PIXEL_DIMS, "")},
+        optional={"FLAT_ERR": (PIXEL_DIMS, ""), "N_SAMPLES": (PIXEL_DIMS, ""), "CHI2": (PIXEL_DIMS, "")},
+    ),
+    ProductSpec(
         "abs_gain_matrix",
         "absolute gain: surface brightness per photocurrent",
         {"ABS_GAIN": (PIXEL_DIMS, "MJy s / (electron sr)")},

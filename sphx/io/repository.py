@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import xarray as xr
@@ -195,6 +196,14 @@ class Repository:
         """
         return self._level(name).write(cube, overwrite=overwrite, provenance=provenance, progress=progress,
                                        also=also)
+
+    def image_presence(self, name: str) -> xr.DataArray:
+        """(band, obs) True where level ``name`` holds a complete image (index only, no pixels)."""
+        store = self._level(name)
+        store._require()
+        idx = store.read_index()
+        return xr.DataArray(idx.write_id > 0, dims=("band", "obs"),
+                            coords={"band": np.asarray(idx.bands), "obs": np.asarray(idx.keys)})
 
     def image_provenance(self, name: str, *, band: int, obs: int | str) -> dict[str, Any]:
         """The provenance record of the write that produced one image."""

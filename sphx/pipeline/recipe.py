@@ -21,6 +21,9 @@
       - kind: level3                    # Level 3: photometry per image, catalogs per tile
         input: quicklook
         config: {variability_threshold: 5}   # sphx.level3.run.Level3Config
+      - kind: calibration               # a calibration solver (sphx.calibrate)
+        solver: dark_flat               # dark_flat or abs_gain
+        config: {clip: 5}               # the solver's config model
 
 Where it runs (local cluster, scheduler address, SLURM) is not part of a recipe; see
 :mod:`sphx.pipeline.compute`. :func:`check_recipe` verifies the wiring against a
@@ -54,6 +57,7 @@ __all__ = ["Recipe", "Selection", "Stage", "StepUse", "check_recipe", "load_reci
 _TOP = ("recipe", "description", "select", "calibrations", "stages")
 _STAGE = ("name", "kind", "input", "steps", "output")
 _LEVEL3_STAGE = ("name", "kind", "input", "config")
+_CALIBRATION_STAGE = ("name", "kind", "solver", "config")
 # A level3 stage runs these paper modules (sphx.level3.run); it writes tables and HATS
 # catalogs, not a level.
 LEVEL3_MODULES = ("estimate_diffuse_background", "perform_forced_photometry", "create_primary_catalog",
@@ -73,8 +77,10 @@ class StepUse:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: steps on the cube (``kind="images"``, writes ``output``), or Level 3
-    (``kind="level3"``: photometry and catalogs configured by ``level3``)."""
+    """One stage: steps on the cube (``kind="images"``, writes ``output``), Level 3
+    (``kind="level3"``: photometry and catalogs configured by ``level3``), or a
+    calibration solver (``kind="calibration"``: ``solver`` with its config in ``level3``'s
+    place, ``calibration``)."""
 
     name: str
     input: str
@@ -83,6 +89,8 @@ class Stage:
     key: str
     kind: str = "images"
     level3: Any = None
+    solver: str = ""
+    calibration: Any = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,30 @@ def _parse_level3_stage(stage: dict[str, Any], i: int, file: str | None) -> Stag
                  "", key, kind="level3", level3=config)
 
 
+def _parse_calibration_stage(stage: dict[str, Any], i: int, file: str | None) -> Stage:
+    from ..calibrate.run import get_solver
+    from ..errors import CalibrationError
+
+    key = f"stages[{i}]"
+    _unknown_keys(stage, _CALIBRATION_STAGE, file, f"{key}.")
+    try:
+        solver = get_solver(str(stage.get("solver")))
+    except CalibrationError as e:
+        raise _err(str(e), file, f"{key}.solver") from None
+    cfg = stage.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise _err("config must be a mapping", file, f"{key}.config")
+    try:
+        config = solver.config(**cfg)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise _err(f"{solver.name} config: {problems} (known keys: {', '.join(solver.config.model_fields)})",
+                   file, f"{key}.config") from None
+    levels = sorted(set(solver.reads.values()))
+    return Stage(str(stage.get("name") or f"stage{i}"), levels[-1], (), "", key, kind="calibration",
+                 solver=solver.name, calibration=config)
+
+
 def _parse_stage(stage: Any, i: int, file: str | None) -> Stage:
     key = f"stages[{i}]"
     if not isinstance(stage, dict):
@@ -263,8 +295,10 @@ def _parse_stage(stage: Any, i: int, file: str | None) -> Stage:
     kind = stage.get("kind", "images")
     if kind == "level3":
         return _parse_level3_stage(stage, i, file)
+    if kind == "calibration":
+        return _parse_calibration_stage(stage, i, file)
     if kind != "images":
-        raise _err(f"unknown stage kind {kind!r} (kinds: images, level3)", file, f"{key}.kind")
+        raise _err(f"unknown stage kind {kind!r} (kinds: images, level3, calibration)", file, f"{key}.kind")
     _unknown_keys(stage, _STAGE, file, f"{key}.")
     for k in ("input", "output"):
         if k not in stage:
@@ -338,6 +372,9 @@ def check_recipe(recipe: Recipe, repo: Repository) -> list[dict[str, Any]]:
     for stage in recipe.stages:
         if stage.kind == "level3":
             plan.append(_check_level3(stage, repo, produced, recipe))
+            continue
+        if stage.kind == "calibration":
+            plan.append(_check_calibration(stage, repo, produced, recipe))
             continue
         if stage.input in produced:
             frame, source = _Frame(dict(produced[stage.input].units), produced[stage.input].raw_frame), "earlier stage"
@@ -443,3 +480,36 @@ def _check_level3(stage: Stage, repo: Repository, produced: Mapping[str, _Frame]
              for i, m in enumerate(LEVEL3_MODULES)]
     return {"stage": stage.name, "input": stage.input, "source": source, "steps": steps,
             "output": "tables l3a_photometry, l3_primary, l3_secondary, l3_high_reliability; HATS catalogs"}
+
+
+def _check_calibration(stage: Stage, repo: Repository, produced: Mapping[str, _Frame], recipe: Recipe) -> dict[str, Any]:
+    """A calibration stage needs the levels and variables its solver reads, its tables and
+    the calibration products it starts from."""
+    from ..calibrate.run import get_solver, resolve_calibrations
+    from ..errors import CalibrationError
+
+    file = recipe.file
+    solver = get_solver(stage.solver)
+    for var, level in solver.reads.items():
+        if level in produced:
+            have = set(produced[level].units)
+        elif repo.has_level(level):
+            have = set(repo.level_schema(level))
+        else:
+            raise _err(f"solver {solver.name!r} reads level {level!r}, which is not in repository {repo.location} "
+                       f"(levels: {', '.join(repo.levels()) or 'none'}) and no earlier stage writes it",
+                       file, f"{stage.key}.solver")
+        if var not in have:
+            raise _err(f"solver {solver.name!r} reads {var} of level {level!r}, which it does not hold",
+                       file, f"{stage.key}.solver")
+    missing = [t for t in solver.tables if t not in repo.tables()]
+    if missing:
+        raise _err(f"solver {solver.name!r} reads table(s) {missing}, which {repo.location} does not hold",
+                   file, stage.key)
+    try:
+        versions = resolve_calibrations(repo, ("spectral_wcs", *solver.calibrations), recipe.calibrations)
+    except CalibrationError as e:
+        raise _err(str(e), file, stage.key) from None
+    steps = [{"step": solver.name, "config": stage.calibration.model_dump(mode="json"), "calibrations": versions}]
+    return {"stage": stage.name, "input": ", ".join(f"{v} {lv}" for v, lv in solver.reads.items()),
+            "source": "repository", "steps": steps, "output": "calibration products " + ", ".join(solver.writes)}

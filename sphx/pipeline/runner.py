@@ -30,7 +30,7 @@ class RunReport:
     repository: str
     compute: str
     plan: list[dict[str, Any]]
-    writes: list[Any] = field(default_factory=list)  # WriteReport per level, Level3Report per level 3 stage
+    writes: list[Any] = field(default_factory=list)  # WriteReport, Level3Report or SolverReport per stage
     elapsed: float = 0.0
     dry_run: bool = False
 
@@ -151,6 +151,15 @@ def run_recipe(
         return report
     with compute_context(spec, log=say):
         for stage, stage_plan in zip(recipe.stages, plan, strict=True):
+            if stage.kind == "calibration":
+                from ..calibrate.run import run_solver
+
+                say(f"stage {stage.name}: calibration solver {stage.solver}")
+                report.writes.append(run_solver(
+                    repo, stage.solver, stage.calibration, select=recipe.select.as_kwargs(),
+                    calibrations=recipe.calibrations, provenance={"recipe": recipe.identity(), "stage": stage.name},
+                    log=say))
+                continue
             if stage.kind == "level3":
                 from ..level3.run import run_level3
 

@@ -1,0 +1,128 @@
+"""What a calibration solver reads: images of one or two levels, aligned, and their count."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import xarray as xr
+
+from ..errors import CalibrationError
+from ..instrument import Instrument
+from ..io.repository import Repository
+
+__all__ = ["SolverInputs", "band_maps", "open_inputs"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class SolverInputs:
+    """Lazy pixel variables of the images a solver uses, one cube (band, obs, y, x).
+
+    Attributes
+    ----------
+    pixels
+        The variables, from up to two levels, on the observations both hold.
+    present
+        (band, obs) bool: the image exists in every level read.
+    spectral_wcs
+        The ``spectral_wcs`` product (CWAVE, CBAND [um]) of the bands.
+    levels
+        Which level each variable was read from.
+    """
+
+    pixels: xr.Dataset
+    present: xr.DataArray
+    spectral_wcs: xr.Dataset
+    levels: dict[str, str]
+    instrument: Instrument
+
+    @property
+    def bands(self) -> list[int]:
+        return [int(b) for b in self.pixels["band"].values]
+
+    def n_images(self) -> dict[int, int]:
+        """Images per band."""
+        return {int(b): int(n) for b, n in zip(self.present["band"].values, self.present.sum("obs").values,
+                                               strict=True)}
+
+    def require_images(self, minimum: int, *, what: str) -> None:
+        """Raise :class:`~sphx.errors.CalibrationError` unless every band has ``minimum`` images."""
+        short = {b: n for b, n in self.n_images().items() if n < minimum}
+        if short:
+            listed = ", ".join(f"band {b} has {n}" for b, n in short.items())
+            raise CalibrationError(f"{what} needs at least {minimum} images per band, but {listed} "
+                                   f"(levels {sorted(set(self.levels.values()))}); select more exposures "
+                                   "or lower min_images")
+
+    def provenance(self) -> dict[str, Any]:
+        obsid = self.pixels["obsid"].values
+        return {"levels": self.levels, "images": self.n_images(),
+                "first": str(obsid[0]) if obsid.size else None, "last": str(obsid[-1]) if obsid.size else None}
+
+
+def open_inputs(repo: Repository, variables: Mapping[str, str], *, spectral_wcs: xr.Dataset,
+                select: Mapping[str, Any] | None = None, extra: Sequence[str] = ()) -> SolverInputs:
+    """Open ``variables`` (name -> level) on the observations every level holds.
+
+    Parameters
+    ----------
+    repo
+        The repository.
+    variables
+        Pixel variables to read and their level, e.g. ``{"IMAGE": "l2a", "FLAGS": "l2"}``.
+    spectral_wcs
+        The ``spectral_wcs`` product.
+    select
+        ``bands``, ``obs``, ``start``, ``end`` as for :meth:`Repository.open_level`.
+    extra
+        Per-image variables (``wcs_*``, ``finast``...) taken from the last level named.
+
+    Raises
+    ------
+    CalibrationError
+        If a level is missing or lacks a variable, or no image is selected.
+    """
+    sel = {k: v for k, v in (select or {}).items() if v is not None}
+    by_level: dict[str, list[str]] = {}
+    for name, level in variables.items():
+        by_level.setdefault(level, []).append(name)
+    cubes, presence = {}, []
+    obs: list[int] | None = None
+    for level in by_level:
+        if not repo.has_level(level):
+            raise CalibrationError(f"the solver reads level {level!r}, which {repo.location} does not hold "
+                                   f"(levels: {', '.join(repo.levels()) or 'none'})")
+        cube = repo.open_level(level, **sel) if obs is None else repo.open_level(level, bands=sel.get("bands"), obs=obs)
+        obs = [int(o) for o in cube["obs"].values]
+        cubes[level] = cube
+        presence.append(repo.image_presence(level))
+    if not obs:
+        raise CalibrationError(f"no image of levels {list(by_level)} matches the selection {sel or 'all'}")
+    last = list(by_level)[-1]
+    base = cubes[last]
+    bands = [int(b) for b in base["band"].values]
+    out = base[[n for n in by_level[last]] + [n for n in extra if n in base]]
+    for level, cube in cubes.items():
+        cube = cube.sel(band=bands, obs=out["obs"].values)
+        for name in by_level[level]:
+            if name not in cube:
+                raise CalibrationError(f"level {level!r} has no variable {name} (it has {', '.join(cube.data_vars)})")
+            out[name] = cube[name]
+    present = np.logical_and.reduce([p.reindex(band=bands, obs=out["obs"].values, fill_value=False).values
+                                     for p in presence])
+    present = xr.DataArray(present, dims=("band", "obs"), coords={"band": bands, "obs": out["obs"].values})
+    missing = sorted(set(bands) - set(spectral_wcs["band"].values.tolist()))
+    if missing:
+        raise CalibrationError(f"spectral_wcs has no band(s) {missing}")
+    # the wavelength maps define channels and zones when the graph is built: read them now
+    return SolverInputs(out, present, spectral_wcs.sel(band=bands).load(), dict(variables), repo.instrument)
+
+
+def band_maps(inputs: SolverInputs, fn: Callable[[int, np.ndarray], T]) -> list[T]:
+    """``fn(band, cwave)`` for every band, with the band's CWAVE map [um]."""
+    return [fn(b, np.asarray(inputs.spectral_wcs["CWAVE"].sel(band=b).values, dtype=np.float64))
+            for b in inputs.bands]
