@@ -26,16 +26,13 @@ from typing import Any
 import dask
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pydantic
 import xarray as xr
 
 from .. import flags as _flags
-from ..catalog.query import query_catalog
-from ..ephemeris import julian_year, observer_barycentric
 from ..errors import CalibrationError
 from ..io.repository import Repository
-from ..level3.photometry import PHOTOMETRY_MASK, photometer_image
+from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, photometer_image
 from ..simulate.sky import sed_flux
 from ..wcs import cube_wcs
 from .inputs import SolverInputs
@@ -128,8 +125,8 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
         return empty
     ids = table.column("source_id").to_numpy()
     cat_ids = subset.column("source_id").to_numpy()
-    row = np.searchsorted(cat_ids, ids, sorter=np.argsort(cat_ids))
-    row = np.argsort(cat_ids)[row]
+    order = np.argsort(cat_ids)
+    row = order[np.searchsorted(cat_ids, ids, sorter=order)]
     flux, err = table.column("flux").to_numpy(), table.column("flux_error").to_numpy()
     good = (np.asarray(subset.column("calibrator").to_numpy(zero_copy_only=False), bool)[row]
             & (table.column("phot_status").to_numpy() == 0)
@@ -207,22 +204,15 @@ def _measure(image, variance, flags, zodi, meta, location, band, obs, dark, flat
     from ..io.repository import open_repository
 
     cube = _image_cube(meta, image, variance, flags)
-    mjd = float(cube["mjd_avg"].values[0])
-    sc = cube["sc_position"].sel(sc_epoch="avg").values[0] if "sc_position" in cube else None
-    wcs = cube_wcs(cube, band=band, obs=obs)
-    x0, x1 = float(cube["x"].values[0]) - 0.5, float(cube["x"].values[-1]) + 0.5
-    y0, y1 = float(cube["y"].values[0]) - 0.5, float(cube["y"].values[-1]) + 0.5
-    ra, dec = wcs.all_pix2world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), 0)
     refcat = open_repository(location).open_table("refcat")
-    catalog, _ = query_catalog(refcat, footprints=[np.column_stack([ra, dec])], epoch=float(julian_year(mjd)),
-                               observer=observer_barycentric(mjd, sc))
-    catalog = catalog.sort_by("source_id")
+    # every column: the calibrators' spectra are needed
+    catalog = image_catalog(refcat, cube, band=band, obs=obs, columns=None)
     return calibrator_ratios(cube, catalog, band=band, obs=obs, dark=dark, flat=flat, a0=a0, zodi=zodi[0, 0],
                              calibrations=calibrations, config=config)
 
 
 def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainConfig | None = None, *,
-                      calibrations: dict[str, xr.Dataset], tables: Any = None) -> dict[str, xr.Dataset]:
+                      calibrations: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
     """Absolute gain matrix of the selected detectors from their calibrator stars (lazy).
 
     Parameters
@@ -244,8 +234,6 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
         GAIN_FUNCTION_ERR, GAIN_WAVELENGTH, N_CALIBRATORS on (band, spectral_channel).
     """
     c = config or AbsGainConfig()
-    if "refcat" not in repo.tables():
-        raise CalibrationError(f"the absolute gain needs the reference catalogue (table 'refcat') in {repo.location}")
     bands = inputs.bands
     px = inputs.pixels
     small = {n: calibrations[n].sel(band=bands).load() for n in ("average_psf", "solid_angle_pixel_map",
@@ -286,8 +274,7 @@ def _band_gain(tables: list[pa.Table], *, edges, a0, config, band, cwave, flat) 
     with np.errstate(invalid="ignore", divide="ignore"):
         gain = np.interp(np.log(cwave), np.log(g["wavelength"]), g["gain"])
         agm = np.where((flat > 0) & np.isfinite(cwave), gain / flat, np.nan)
-    return {"ABS_GAIN": agm.astype(np.float32), **g,
-            "ratios": float(pc.count(ratios.column("ratio")).as_py())}
+    return {"ABS_GAIN": agm.astype(np.float32), **g}
 
 
 def _as_dataset(solved: Any, inputs: SolverInputs, repo: Repository) -> xr.Dataset:

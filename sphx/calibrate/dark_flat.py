@@ -25,7 +25,7 @@ import xarray as xr
 
 from .. import flags as _flags
 from ..io.repository import Repository
-from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, solve_sums
+from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, key_order, solve_sums
 from ..levels import ELECTRON_RATE
 from .inputs import SolverInputs, band_maps
 from .run import Solver, register_solver
@@ -67,12 +67,25 @@ def flat_from_gain(agm: np.ndarray, key: np.ndarray, n_segments: int) -> np.ndar
     return out
 
 
-def _partial(images, variances, flags, dark0, gain0, key, u, segment_u, *, fit_mask, ref_mask, **kw):
-    # blockwise gives (1, k, ny, nx) pixel blocks and (1, ny, nx) band maps
+def _partial(images, variances, flags, dark0, gain0, key, u, segment_u, idx, starts, *, fit_mask, ref_mask, **kw):
+    # blockwise gives (1, k, ny, nx) pixel blocks and (1, ...) band maps
     f = flags[0]
     sums = accumulate_images(images[0], variances[0], (f & fit_mask) == 0, (f & ref_mask) == 0,
-                             key=key[0], u=u[0], segment_u=segment_u[0], dark0=dark0[0], gain0=gain0[0], **kw)
+                             key=key[0], u=u[0], segment_u=segment_u[0], dark0=dark0[0], gain0=gain0[0],
+                             order=(idx[0], starts[0]), **kw)
     return sums[None, None]
+
+
+def _channel_maps(inputs: SolverInputs, config: DarkFlatConfig) -> dict[str, np.ndarray]:
+    """(band, ...) channel keys, positions along the channel, segment positions and the
+    pixel order by key: static geometry from CWAVE, computed once per run."""
+    per_band = band_maps(inputs, lambda b, cwave: channel_keys(cwave, n_channels=config.n_channels,
+                                                               n_segments=config.n_segments))
+    n_keys = config.n_channels * config.n_segments
+    orders = [key_order(k.ravel(), n_keys) for k, _, _ in per_band]
+    return {"key": np.stack([k for k, _, _ in per_band]), "u": np.stack([u for _, u, _ in per_band]),
+            "segment_u": np.stack([s for _, _, s in per_band]), "idx": np.stack([o[0] for o in orders]),
+            "starts": np.stack([o[1] for o in orders])}
 
 
 def _band_chunked(a: Any) -> da.Array:
@@ -81,21 +94,22 @@ def _band_chunked(a: Any) -> da.Array:
     return a.astype(np.float64).rechunk((1, -1, -1))
 
 
-def dark_flat_sums(inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, gain0: Any) -> da.Array:
+def dark_flat_sums(inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, gain0: Any,
+                   maps: dict[str, np.ndarray] | None = None) -> da.Array:
     """Lazy (band, N_SUMS, y, x) regression sums over all images of ``inputs``.
 
-    ``dark0`` and ``gain0`` are (band, y, x) prior maps (numpy, dask or xarray).
+    ``dark0`` and ``gain0`` are (band, y, x) prior maps (numpy, dask or xarray);
+    ``maps`` the channel geometry (computed when not given).
     """
     c = config
     pix = [inputs.pixels[n].data.rechunk({1: c.batch}) for n in ("IMAGE", "VARIANCE", "FLAGS")]
-    n_ch = c.n_channels
-    keys = band_maps(inputs, lambda b, cwave: channel_keys(cwave, n_channels=n_ch, n_segments=c.n_segments))
-    key, u, seg_u = (da.from_array(np.stack([k[i] for k in keys]), chunks=(1, *keys[0][i].shape))
-                     for i in range(3))
+    m = maps or _channel_maps(inputs, c)
+    key, u, seg_u, idx, starts = (da.from_array(m[n], chunks=(1, *m[n].shape[1:]))
+                                  for n in ("key", "u", "segment_u", "idx", "starts"))
     partial = da.blockwise(
         _partial, "bosyx", pix[0], "boyx", pix[1], "boyx", pix[2], "boyx", _band_chunked(dark0), "byx",
-        _band_chunked(gain0), "byx", key, "byx", u, "byx", seg_u, "bk", new_axes={"s": N_SUMS},
-        adjust_chunks={"o": 1}, dtype=np.float64, concatenate=True,
+        _band_chunked(gain0), "byx", key, "byx", u, "byx", seg_u, "bk", idx, "bp", starts, "bq",
+        new_axes={"s": N_SUMS}, adjust_chunks={"o": 1}, dtype=np.float64, concatenate=True,
         fit_mask=np.uint32(_flags.mask(*c.fit_mask)), ref_mask=np.uint32(_flags.mask(*c.reference_mask)),
         n_segments=c.n_segments, degree=c.degree, clip=c.clip)
     return partial.sum(axis=1, split_every=c.split_every)
@@ -107,7 +121,7 @@ def _solve_block(sums: np.ndarray, *prior: np.ndarray) -> np.ndarray:
 
 
 def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatConfig | None = None, *,
-                       calibrations: dict[str, xr.Dataset], tables: Any = None) -> dict[str, xr.Dataset]:
+                       calibrations: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
     """Dark current and flat field of the selected detectors, lazily.
 
     Parameters
@@ -138,22 +152,21 @@ def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatC
     inputs.require_images(c.min_images, what="the dark current and flat field")
     bands = inputs.bands
     dark0 = calibrations["dark"]["DARK"].sel(band=bands)
-    n_ch = c.n_channels
+    maps = _channel_maps(inputs, c)
     if "flat_field" in calibrations:
         gain0 = calibrations["flat_field"]["FLAT"].sel(band=bands)
     else:
         agm = _band_chunked(calibrations["abs_gain_matrix"]["ABS_GAIN"].sel(band=bands))
-        keys = band_maps(inputs, lambda b, cwave: channel_keys(cwave, n_channels=n_ch, n_segments=c.n_segments)[0])
-        key = da.from_array(np.stack(keys), chunks=(1, -1, -1))
+        key = da.from_array(maps["key"], chunks=(1, -1, -1))
         gain0 = da.map_blocks(lambda g, k: flat_from_gain(g[0], k[0], c.n_segments)[None], agm, key,
                               dtype=np.float64)
-    sums = dark_flat_sums(inputs, c, dark0=dark0, gain0=gain0)
+    sums = dark_flat_sums(inputs, c, dark0=dark0, gain0=gain0, maps=maps)
     if c.passes == 2:
         # the first pass's solution is the prior of the second: the images are read again
         first = sums.map_blocks(_solve_block, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]))
         d0, g0 = _band_chunked(dark0), _band_chunked(gain0)
         sums = dark_flat_sums(inputs, c, dark0=da.where(da.isfinite(first[:, 0]), first[:, 0], d0),
-                              gain0=da.where(da.isfinite(first[:, 2]), first[:, 2], g0))
+                              gain0=da.where(da.isfinite(first[:, 2]), first[:, 2], g0), maps=maps)
     prior = []
     if c.dark_prior and "DARK_ERR" in calibrations["dark"]:
         dark_err = calibrations["dark"]["DARK_ERR"].sel(band=bands)
@@ -172,7 +185,7 @@ def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatC
         "FLAT_ERR": var(3, "", "1-sigma statistical uncertainty of FLAT"),
         "CHI2": var(4, "", "reduced chi-square of the pixel's fit"),
         "N_SAMPLES": var(5, "", "images used for the pixel", np.int32),
-    }, coords=coords, attrs={"n_channels": n_ch, "n_segments": c.n_segments, "degree": c.degree})
+    }, coords=coords, attrs={"n_channels": c.n_channels, "n_segments": c.n_segments, "degree": c.degree})
     return {"dark": dark, "flat_field": flat}
 
 

@@ -45,11 +45,13 @@ class Solver:
     calibrations
         Products read (alternatives as ``"a|b"``: the first one present).
     tables
-        Repository tables read.
+        Repository tables the solver's tasks read (checked before anything runs).
     writes
         Product families written.
     solve
-        ``solve(repo, inputs, config, calibrations=..., tables=...) -> {product: Dataset}``.
+        ``solve(repo, inputs, config, calibrations=...) -> {product: Dataset}`` (lazy).
+    extra
+        Per-image variables read with the pixels (WCS, FINAST...).
     """
 
     name: str
@@ -61,6 +63,17 @@ class Solver:
     writes: tuple[str, ...]
     solve: Callable[..., dict[str, xr.Dataset]]
     extra: tuple[str, ...] = ()
+
+    def make_config(self, config: pydantic.BaseModel | Mapping[str, Any] | None) -> pydantic.BaseModel:
+        """The solver's config from a model or a mapping; unknown keys raise CalibrationError."""
+        if isinstance(config, self.config):
+            return config
+        try:
+            return self.config(**dict(config or {}))
+        except pydantic.ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise CalibrationError(f"{self.name} config: {problems} (known keys: "
+                                   f"{', '.join(self.config.model_fields)})") from None
 
 
 SOLVERS: dict[str, Solver] = {}
@@ -173,23 +186,16 @@ def run_solver(
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     repo = repository if isinstance(repository, Repository) else open_repository(repository)
     spec = get_solver(solver)
-    if not isinstance(config, spec.config):
-        try:
-            config = spec.config(**dict(config or {}))
-        except pydantic.ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-            raise CalibrationError(f"{solver} config: {problems} (known keys: {', '.join(spec.config.model_fields)})"
-                                   ) from None
+    config = spec.make_config(config)
     pins = dict(calibrations or {})
     used = resolve_calibrations(repo, ("spectral_wcs", *spec.calibrations), pins)
     calib = {name: repo.open_calibration(name, version) for name, version in used.items()}
     missing = [t for t in spec.tables if t not in repo.tables()]
     if missing:
         raise CalibrationError(f"{solver} reads table(s) {missing}, which {repo.location} does not hold")
-    tables = {t: repo.open_table(t) for t in spec.tables}
     inputs = open_inputs(repo, spec.reads, spectral_wcs=calib["spectral_wcs"], select=select, extra=spec.extra)
     say(f"{spec.module}: {sum(inputs.n_images().values())} image(s) of band(s) {inputs.bands}")
-    products = spec.solve(repo, inputs, config, calibrations=calib, tables=tables)
+    products = spec.solve(repo, inputs, config, calibrations=calib)
     # one pass over the images for every product of the solver
     products = dict(zip(products, dask.compute(*products.values()), strict=True))
     report = SolverReport(solver, images=inputs.n_images())

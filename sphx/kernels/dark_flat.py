@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "reference_fluxes", "solve_sums"]
+__all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "key_order", "reference_fluxes", "solve_sums"]
 
 SUM_NAMES = ("n", "w", "wx", "wy", "wxx", "wxy", "wyy")
 N_SUMS = len(SUM_NAMES)
@@ -151,9 +151,12 @@ def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, seg
 
 
 def key_order(flat_key: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel indices sorted by key (excluded pixels dropped) and each key's start."""
-    good = np.flatnonzero(flat_key >= 0)
-    idx = good[np.argsort(flat_key[good], kind="stable")]
+    """All pixel indices sorted by key and where each key starts.
+
+    Excluded pixels (key -1) sort first and belong to no key; the arrays have the same
+    size for every detector, so those of several bands stack.
+    """
+    idx = np.argsort(flat_key, kind="stable")
     starts = np.searchsorted(flat_key[idx], np.arange(n_keys + 1))
     return idx.astype(np.int64), starts.astype(np.int64)
 
@@ -191,7 +194,8 @@ def _accumulate(image, variance, fit_ok, key, u, coef, weight, dark0, gain0, cli
 def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndarray, ref_ok: np.ndarray, *,
                       key: np.ndarray, u: np.ndarray, segment_u: np.ndarray, dark0: np.ndarray,
                       gain0: np.ndarray, n_segments: int, degree: int = 1, clip: float = 5.0,
-                      min_pixels: int = 20, sums: np.ndarray | None = None) -> np.ndarray:
+                      min_pixels: int = 20, order: tuple[np.ndarray, np.ndarray] | None = None,
+                      sums: np.ndarray | None = None) -> np.ndarray:
     """Regression sums of a batch of images of one detector.
 
     Parameters
@@ -208,8 +212,9 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
         measured on ``(image - dark0) / gain0`` and samples farther than ``clip``
         standard deviations (square root of ``variances``) from ``dark0 + gain0 x`` are
         left out.
-    n_segments, degree, min_pixels
-        See :func:`reference_fluxes`.
+    n_segments, degree, min_pixels, order
+        See :func:`reference_fluxes` (``order`` from :func:`key_order`, computed when
+        not given).
     sums
         (N_SUMS, ny, nx) float64 to add to in place (new zeros when None).
 
@@ -223,7 +228,8 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
     k, ny, nx = images.shape
     if sums is None:
         sums = np.zeros((N_SUMS, ny, nx))
-    order = key_order(key.ravel(), segment_u.size)
+    if order is None:
+        order = key_order(key.ravel(), segment_u.size)
     n_channels = segment_u.size // n_segments
     channel = np.where(key >= 0, key // n_segments, n_channels)
     d0 = np.nan_to_num(np.asarray(dark0, dtype=np.float64))

@@ -13,7 +13,7 @@ image, flagged rather than dropped when it cannot be measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import healpy as hp
@@ -122,7 +122,11 @@ def noise_model(image: np.ndarray, variance: np.ndarray, usable: np.ndarray) -> 
     return np.maximum(variance - c * signal, 0.0), c
 
 
-def image_catalog(refcat: Any, cube: xr.Dataset, *, band: int, obs: int) -> pa.Table:
+_POSITION_COLUMNS = ("source_id", "ra", "dec", "ref_epoch", "pmra", "pmdec")
+
+
+def image_catalog(refcat: Any, cube: xr.Dataset, *, band: int, obs: int,
+                  columns: Sequence[str] | None = _POSITION_COLUMNS) -> pa.Table:
     """Reference-catalogue sources over one image, at its mid-exposure epoch as seen from
     the spacecraft (proper motion and parallax), read only where the image lies.
 
@@ -134,6 +138,8 @@ def image_catalog(refcat: Any, cube: xr.Dataset, *, band: int, obs: int) -> pa.T
     cube, band, obs
         The image (its ``wcs_*`` variables, ``x``/``y`` labels, ``mjd_avg`` and
         ``sc_position``).
+    columns
+        Columns to read (those the catalogue holds); None reads all of them.
     """
     wcs = cube_wcs(cube, band=band, obs=obs)
     x0, x1 = float(cube["x"].values[0]) - 0.5, float(cube["x"].values[-1]) + 0.5
@@ -141,7 +147,8 @@ def image_catalog(refcat: Any, cube: xr.Dataset, *, band: int, obs: int) -> pa.T
     ra, dec = wcs.all_pix2world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), 0)
     mjd = float(cube["mjd_avg"].sel(obs=obs).values)
     sc = cube["sc_position"].sel(obs=obs, sc_epoch="avg").values if "sc_position" in cube else None
-    columns = [c for c in ("source_id", "ra", "dec", "ref_epoch", "pmra", "pmdec") if c in refcat.schema.names]
+    if columns is not None:
+        columns = [c for c in columns if c in refcat.schema.names]
     table, _ = query_catalog(refcat, footprints=[np.column_stack([ra, dec])], epoch=float(julian_year(mjd)),
                              observer=observer_barycentric(mjd, sc), columns=columns)
     return table

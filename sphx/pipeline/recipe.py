@@ -46,7 +46,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from ..errors import ConfigError, RecipeError, UnknownStepError
+from ..errors import CalibrationError, ConfigError, RecipeError, UnknownStepError
 from ..io.levelstore import var_kind
 from ..io.repository import Repository
 from ..levels import get_level, same_unit
@@ -266,7 +266,6 @@ def _parse_level3_stage(stage: dict[str, Any], i: int, file: str | None) -> Stag
 
 def _parse_calibration_stage(stage: dict[str, Any], i: int, file: str | None) -> Stage:
     from ..calibrate.run import get_solver
-    from ..errors import CalibrationError
 
     key = f"stages[{i}]"
     _unknown_keys(stage, _CALIBRATION_STAGE, file, f"{key}.")
@@ -278,11 +277,9 @@ def _parse_calibration_stage(stage: dict[str, Any], i: int, file: str | None) ->
     if not isinstance(cfg, dict):
         raise _err("config must be a mapping", file, f"{key}.config")
     try:
-        config = solver.config(**cfg)
-    except pydantic.ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise _err(f"{solver.name} config: {problems} (known keys: {', '.join(solver.config.model_fields)})",
-                   file, f"{key}.config") from None
+        config = solver.make_config(cfg)
+    except CalibrationError as e:
+        raise _err(str(e), file, f"{key}.config") from None
     levels = sorted(set(solver.reads.values()))
     return Stage(str(stage.get("name") or f"stage{i}"), levels[-1], (), "", key, kind="calibration",
                  solver=solver.name, calibration=config)
@@ -486,7 +483,6 @@ def _check_calibration(stage: Stage, repo: Repository, produced: Mapping[str, _F
     """A calibration stage needs the levels and variables its solver reads, its tables and
     the calibration products it starts from."""
     from ..calibrate.run import get_solver, resolve_calibrations
-    from ..errors import CalibrationError
 
     file = recipe.file
     solver = get_solver(stage.solver)
