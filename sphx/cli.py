@@ -1,15 +1,27 @@
-"""The ``sphx`` command line: ``demo``, ``simulate``, ``run``, ``info``, ``steps``, ``profiles``."""
+"""The ``sphx`` command line: ``demo``, ``simulate``, ``run``, ``info``, ``export-calibration``, ``steps``,
+``profiles``."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from .errors import SphxError
+from .errors import CalibrationError, SphxError
+
+if TYPE_CHECKING:
+    from .io.repository import Repository
+
+# Products sphx keeps that the archive has no file for, and where their content goes there.
+NOT_ARCHIVED = {
+    "flat_field": "the archive folds the flat field into abs_gain_matrix (ABS_GAIN = g(CWAVE) / FLAT)",
+}
 
 
 def _fail(error: Exception) -> None:
@@ -108,12 +120,152 @@ def info(repository: str) -> None:
             bands = ", ".join(f"D{b}:{v['complete']}" + (f"(+{v['pending']} pending)" if v["pending"] else "")
                               for b, v in s["bands"].items() if v["complete"] or v["pending"])
             click.echo(f"  level {level}: {s['observations']} observation(s) {s['first']}..{s['last']}; images {bands}")
+        records = {(r["target"], r["id"]): r for r in repo.provenance("calibration")}
         for name, versions in repo.calibrations().items():
-            click.echo(f"  calibration {name}: versions {versions}")
+            origin = ", ".join(f"v{v} {_origin(records.get((name, v), {}))}" for v in versions)
+            click.echo(f"  calibration {name}: versions {versions} ({origin})")
         for name in repo.tables():
             click.echo(f"  table {name}")
     except SphxError as e:
         _fail(e)
+
+
+def _origin(record: dict[str, Any]) -> str:
+    """What wrote a calibration version, from its provenance record: the solver, else the source."""
+    return str(record.get("solver") or record.get("source") or "unknown")
+
+
+def exportable_calibrations() -> list[str]:
+    """Calibration products that have an archive format (FITS per detector; gain_factors YAML)."""
+    from .io.fits.calibration import CALIBRATION_FILES
+
+    return sorted([*CALIBRATION_FILES, "gain_factors"])
+
+
+def export_calibration(
+    repo: Repository,
+    name: str,
+    folder: str | Path,
+    *,
+    version: int | None = None,
+    bands: Sequence[int] | None = None,
+    date: _dt.date | _dt.datetime | str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write one version of a calibration product in its archive format, one file per band.
+
+    The repository version is the file name's ``v<version>`` (``cal-`` products); the
+    ``VERSION`` keyword stays what the archive defines, the software (sphx) version.
+
+    Parameters
+    ----------
+    repo
+        The repository holding the product.
+    name
+        Product name; one of :func:`exportable_calibrations`.
+    folder
+        Output folder (created if needed).
+    version
+        Repository version (default the latest).
+    bands
+        Detectors to write (default every band of that version).
+    date
+        Processing date of the file names and ``DATE`` keyword; default the time the
+        version was written (its provenance record), so a re-export gives the same names.
+    overwrite
+        Replace existing files; otherwise an existing file is an error and nothing is written.
+
+    Returns
+    -------
+    The paths written (``gain_factors``: one YAML for all the bands).
+
+    Raises
+    ------
+    CalibrationError
+        A product without an archive format (names those that have one) or a band the
+        version does not have.
+    CalibrationNotFoundError
+        A product or version the repository does not hold.
+    FileExistsError
+        A file to write exists and ``overwrite`` is false.
+    """
+    from .calibration import PRODUCTS
+    from .io.fits.calibration import calibration_filename, write_calibration_product, write_gain_factors
+
+    exportable = exportable_calibrations()
+    if name not in exportable:
+        if name not in PRODUCTS:
+            what = f"unknown calibration product {name!r}"
+        else:
+            what = f"calibration product {name!r} has no archive format" + (
+                f": {NOT_ARCHIVED[name]}" if name in NOT_ARCHIVED else "")
+        raise CalibrationError(f"{what}. Products that can be exported: {', '.join(exportable)}")
+    versions = repo.calibration_versions(name)
+    v = versions[-1] if version is None and versions else version
+    ds = repo.open_calibration(name, v)  # CalibrationNotFoundError names the stored products / versions
+    v = int(v)
+    have = [int(b) for b in ds["band"].values.tolist()]
+    chosen = have if not bands else list(dict.fromkeys(int(b) for b in bands))
+    missing = [b for b in chosen if b not in have]
+    if missing:
+        raise CalibrationError(f"calibration product {name!r} v{v} has no band(s) {missing}; its bands: {have}")
+    if date is None:
+        written = [r["time"] for r in repo.provenance("calibration", name) if r["id"] == v]
+        date = _dt.datetime.fromisoformat(written[-1]) if written else None  # None: now
+    out = Path(folder)
+    targets = [out / calibration_filename(name, b, version=v, date=date) for b in chosen]
+    if not overwrite:
+        for path in dict.fromkeys(targets):
+            if path.exists():
+                raise FileExistsError(f"{path} exists (overwrite it with --overwrite, or choose another folder)")
+    if name == "gain_factors":
+        return [write_gain_factors(ds.sel(band=chosen), out, date=date, overwrite=overwrite)]
+    return [write_calibration_product(ds, name, out, band=b, version=v, date=date, overwrite=overwrite,
+                                      n_active=repo.instrument.n_active) for b in chosen]
+
+
+def _version_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None or value == "latest":
+        return None
+    try:
+        v = int(value)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise click.BadParameter(f"{value!r} is not a version number (1, 2, ...) or 'latest'")
+    return v
+
+
+@main.command(name="export-calibration")
+@click.argument("repository")
+@click.argument("name")
+@click.option("--version", "version", default=None, callback=_version_option, metavar="N",
+              help="Repository version of the product (default: the latest; see `sphx info`).")
+@click.option("-b", "--band", "bands", multiple=True, type=int, metavar="B",
+              help="Detector to export; repeat for several (default: every band of the version).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder that receives the files (created if needed).")
+@click.option("--date", default=None, type=click.DateTime(formats=["%Y-%m-%d"]),
+              help="Processing date of the file names and DATE keyword (default: when the version was written).")
+@click.option("--overwrite", is_flag=True, help="Replace files that exist.")
+def export_calibration_command(repository: str, name: str, version: int | None, bands: tuple[int, ...],
+                               output: str, date: _dt.datetime | None, overwrite: bool) -> None:
+    """Export a calibration product NAME of REPOSITORY in the IRSA archive format.
+
+    One FITS file per detector (gain_factors: one YAML file), named as the archive's
+    with v<N> the repository version; the VERSION keyword holds the sphx version, as in
+    the archive. Prints the files written.
+    """
+    from .io import open_repository
+
+    try:
+        repo = open_repository(repository)
+        paths = export_calibration(repo, name, output, version=version, bands=bands or None, date=date,
+                                   overwrite=overwrite)
+    except (SphxError, FileExistsError) as e:
+        _fail(e)
+    for path in paths:
+        click.echo(str(path))
 
 
 @main.command(name="steps")
