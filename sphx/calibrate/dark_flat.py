@@ -7,11 +7,14 @@ typical pixel) and the intercept the dark current. Sources, transients and outli
 left out by the Level 2 ``FLAGS`` and by clipping at ``clip`` sigma from a prior model
 (the calibration versions the run names: ``dark`` and ``flat_field``, or the flat
 implied by ``abs_gain_matrix``); ``passes: 2`` clips the second pass against the first
-pass's own solution instead.
+pass's own solution instead. The reference flux is itself a median of noisy pixels:
+its noise (and the pixel's own share in it) is removed from the fit, which would
+otherwise dilute the slope and shift the intercept (``reference_errors``).
 
-Graph: one task per batch of ``batch`` images per detector makes the seven regression
-sums (7 float64 maps); the batches are added in a tree (``split_every``) and solved per
-pixel. Memory is that of a few batches, whatever the number of images.
+Graph: one task per batch of ``batch`` images per detector makes the nine regression
+sums (:data:`~sphx.kernels.dark_flat.N_SUMS` float64 maps); the batches are added in a
+tree (``split_every``) and solved per pixel. Memory is that of a few batches, whatever
+the number of images.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class DarkFlatConfig(pydantic.BaseModel):
     clip: float = pydantic.Field(5.0, gt=0, description="[sigma] from the prior model")
     passes: int = pydantic.Field(1, ge=1, le=2, description="2: clip against the first pass's own solution")
     dark_prior: bool = pydantic.Field(True, description="the previous dark (DARK_ERR) is one more measurement")
+    reference_errors: bool = pydantic.Field(
+        True, description="remove the reference flux's own noise (regression dilution) from the fit")
     min_images: int = pydantic.Field(20, ge=3, description="fewer images of a band are an error")
     batch: int = pydantic.Field(8, ge=1, description="images per task")
     split_every: int = pydantic.Field(4, ge=2, description="batches added per reduction task")
@@ -115,8 +120,9 @@ def dark_flat_sums(inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, 
     return partial.sum(axis=1, split_every=c.split_every)
 
 
-def _solve_block(sums: np.ndarray, *prior: np.ndarray) -> np.ndarray:
-    out = solve_sums(sums[0], **({"dark_prior": prior[0][0, 0], "dark_prior_err": prior[1][0, 0]} if prior else {}))
+def _solve_block(sums: np.ndarray, *prior: np.ndarray, reference_errors: bool = True) -> np.ndarray:
+    out = solve_sums(sums[0], reference_errors=reference_errors,
+                     **({"dark_prior": prior[0][0, 0], "dark_prior_err": prior[1][0, 0]} if prior else {}))
     return np.stack([out[k] for k in ("dark", "dark_err", "flat", "flat_err", "chi2", "n")])[None]
 
 
@@ -163,7 +169,8 @@ def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatC
     sums = dark_flat_sums(inputs, c, dark0=dark0, gain0=gain0, maps=maps)
     if c.passes == 2:
         # the first pass's solution is the prior of the second: the images are read again
-        first = sums.map_blocks(_solve_block, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]))
+        first = sums.map_blocks(_solve_block, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]),
+                                reference_errors=c.reference_errors)
         d0, g0 = _band_chunked(dark0), _band_chunked(gain0)
         sums = dark_flat_sums(inputs, c, dark0=da.where(da.isfinite(first[:, 0]), first[:, 0], d0),
                               gain0=da.where(da.isfinite(first[:, 2]), first[:, 2], g0), maps=maps)
@@ -171,7 +178,8 @@ def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatC
     if c.dark_prior and "DARK_ERR" in calibrations["dark"]:
         dark_err = calibrations["dark"]["DARK_ERR"].sel(band=bands)
         prior = [_band_chunked(dark0)[:, None], _band_chunked(dark_err)[:, None]]
-    solved = da.map_blocks(_solve_block, sums, *prior, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]))
+    solved = da.map_blocks(_solve_block, sums, *prior, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]),
+                           reference_errors=c.reference_errors)
     coords = {"band": np.asarray(bands, np.int64), "y": inputs.pixels["y"].values, "x": inputs.pixels["x"].values}
     dims = ("band", "y", "x")
 

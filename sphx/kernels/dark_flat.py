@@ -9,11 +9,28 @@ the prior flat) in
 elongation). Over many images the slope ``G`` is the pixel's response relative to the
 channel's typical pixel (the flat field) and the intercept ``D`` its dark current.
 
-The fit is a weighted least-squares fit from seven sums per pixel
-(:data:`N_SUMS`: ``n, w, wx, wy, wxx, wxy, wyy``), which one image or a batch of
-images produces and which add up over any number of batches, in any order (a tree
+The fit is a weighted least-squares fit from nine sums per pixel
+(:data:`N_SUMS`: ``n, w, wx, wy, wxx, wxy, wyy, wvx, wcxy``), which one image or a batch
+of images produces and which add up over any number of batches, in any order (a tree
 reduction). Samples more than ``clip`` standard deviations from a prior model
 ``D0 + G0 x`` (the previous calibration, or a first pass) are left out.
+
+**Errors in the reference.** The reference is itself measured: the median of the ``N``
+pixels of a segment has the noise variance ``V = (pi/2) / (N mean(1/sigma)**2) * N / (N + a)``
+(``sigma`` the pixels' noise in reference units; ``a`` = 0.47 for odd ``N``, 1.4 for even,
+the finite-sample correction of a median of normal deviates), and the pixel's own noise
+``e`` enters its own segment's median: ``cov(median, e) = sigma_pixel / sum(1/sigma)``
+(exactly ``sigma**2 / N`` for equal normal noise). Propagated through the polynomial
+along the channel these give, per sample, the variance ``v_x`` of the reference and its
+covariance ``c_xy`` with the pixel's value; ``wvx = sum(w v_x)`` and
+``wcxy = sum(w c_xy)`` are subtracted from ``wxx`` and ``wxy`` before solving (a
+moment, or Deming, correction). Without them the slope is diluted by
+``(G v_x - c_xy) / var(x)`` and the intercept pulled by the same amount times the mean
+reference: negligible with thousands of pixels per segment, a fraction of the dark's
+error with ~30 (a 248-pixel detector with 510 channels of 4 segments) where the sky is
+faint. The pixel's own share ``c_xy`` offsets about 2/pi of ``G v_x``, so both are
+needed. Where the reference's noise is most of its variance across the images (few
+images of a sky that barely changes) the correction is capped (:func:`solve_sums`).
 """
 
 from __future__ import annotations
@@ -21,10 +38,29 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "key_order", "reference_fluxes", "solve_sums"]
+__all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "key_order", "median_variance",
+           "reference_fluxes", "solve_sums"]
 
-SUM_NAMES = ("n", "w", "wx", "wy", "wxx", "wxy", "wyy")
+SUM_NAMES = ("n", "w", "wx", "wy", "wxx", "wxy", "wyy", "wvx", "wcxy")
 N_SUMS = len(SUM_NAMES)
+
+# N var(median) / (pi/2 sigma^2) = N / (N + a) for N normal deviates (Monte Carlo, 1e6 draws):
+# a = 0.47 for odd N, 1.4 for even N (the median of two middle values); a -> const as N -> inf
+_MEDIAN_A_ODD, _MEDIAN_A_EVEN = 0.47, 1.4
+
+
+def median_variance(n: np.ndarray, inv_sigma_sum: np.ndarray) -> np.ndarray:
+    """Noise variance of the median of ``n`` values with independent normal errors.
+
+    ``inv_sigma_sum`` is ``sum(1 / sigma)`` over the values: asymptotically
+    ``var = 1 / (4 n f(0)**2)`` with the mixture density ``f(0) = mean(1/sigma) / sqrt(2 pi)``,
+    that is ``(pi/2) n / inv_sigma_sum**2`` (``(pi/2) sigma**2 / n`` for equal errors),
+    times the finite-sample factor ``n / (n + a)``. NaN where ``n`` is 0.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    a = np.where(n % 2 == 1, _MEDIAN_A_ODD, _MEDIAN_A_EVEN)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, 0.5 * np.pi * n / np.asarray(inv_sigma_sum, np.float64) ** 2 * n / (n + a), np.nan)
 
 
 def channel_keys(cwave: np.ndarray, *, n_channels: int, n_segments: int,
@@ -72,42 +108,157 @@ def channel_keys(cwave: np.ndarray, *, n_channels: int, n_segments: int,
 
 
 @numba.njit(nogil=True, cache=True)
-def _group_medians(values, ok, order, starts, out_median, out_count):  # pragma: no cover - compiled
+def _group_medians(values, ok, variance, gain, order, starts, out_median, out_count,
+                   out_inv_sigma_sum):  # pragma: no cover - compiled
+    # median, number of values and sum of 1/sigma (sigma = sqrt(variance) / gain, the
+    # noise of values) of each key's usable pixels; the sum is scaled up from the pixels
+    # with a usable variance to all of them
     buf = np.empty(order.size, np.float64)
     for g in range(starts.size - 1):
         k = 0
+        known = 0
+        s = 0.0
         for t in range(starts[g], starts[g + 1]):
             p = order[t]
             if ok[p]:
                 buf[k] = values[p]
                 k += 1
+                v = variance[p]
+                if v > 0 and v < np.inf and gain[p] > 0:
+                    s += gain[p] / np.sqrt(v)
+                    known += 1
         out_count[g] = k
         out_median[g] = np.median(buf[:k]) if k > 0 else np.nan
+        out_inv_sigma_sum[g] = s * k / known if known > 0 else 0.0
 
 
 @numba.njit(nogil=True, cache=True)
-def _fit_channels(medians, counts, segment_u, n_segments, degree, min_pixels, coef):  # pragma: no cover
+def _invert(a, out, work):  # pragma: no cover - compiled
+    # Gauss-Jordan inverse of a small symmetric positive matrix without allocating; False
+    # when singular
+    m = a.shape[0]
+    work[:] = a
+    out[:] = 0.0
+    for i in range(m):
+        out[i, i] = 1.0
+    for i in range(m):
+        pivot = i
+        for r in range(i + 1, m):
+            if abs(work[r, i]) > abs(work[pivot, i]):
+                pivot = r
+        if not abs(work[pivot, i]) > 0.0:
+            return False
+        if pivot != i:
+            for q in range(m):
+                work[i, q], work[pivot, q] = work[pivot, q], work[i, q]
+                out[i, q], out[pivot, q] = out[pivot, q], out[i, q]
+        d = work[i, i]
+        for q in range(m):
+            work[i, q] /= d
+            out[i, q] /= d
+        for r in range(m):
+            if r != i and work[r, i] != 0.0:
+                f = work[r, i]
+                for q in range(m):
+                    work[r, q] -= f * work[i, q]
+                    out[r, q] -= f * out[i, q]
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _fit_channels(medians, counts, segment_u, seg_var, inv_sigma_sum, n_segments, degree, min_pixels, coef, var_poly,
+                  cov_poly):  # pragma: no cover - compiled
+    # Polynomial in u through the segment medians of each channel, weighted by their
+    # numbers of pixels W: coef = M^-1 A^T W m with M = A^T W A. The variance of the
+    # reference at u is a(u)^T C a(u), C = M^-1 (A^T W V W A) M^-1 with V the medians'
+    # variances: var_poly holds it as a polynomial in u (degree 2 * degree). A pixel in
+    # segment g enters that median with covariance sigma / inv_sigma_sum[g], and so the
+    # reference at u with W_g a(u)^T M^-1 a(u_g) times that: cov_poly[g] holds
+    # W_g M^-1 a(u_g) / inv_sigma_sum[g] (a polynomial in u, times the pixel's sigma).
     n_channels = coef.shape[0]
     m = degree + 1
+    ata = np.empty((m, m))
+    atb = np.empty(m)
+    avb = np.empty((m, m))
+    inv = np.empty((m, m))
+    tmp = np.empty((m, m))
     for c in range(n_channels):
-        ata = np.zeros((m, m))
-        atb = np.zeros(m)
+        ata[:] = 0.0
+        atb[:] = 0.0
+        avb[:] = 0.0
         used = 0
         for s in range(n_segments):
             g = c * n_segments + s
+            cov_poly[g, :] = 0.0
             if counts[g] < min_pixels or not np.isfinite(medians[g]):
                 continue
             used += 1
             w = float(counts[g])
+            v = seg_var[g] if np.isfinite(seg_var[g]) else 0.0
             for i in range(m):
                 ui = segment_u[g] ** i
                 atb[i] += w * ui * medians[g]
                 for j in range(m):
-                    ata[i, j] += w * ui * segment_u[g] ** j
+                    uij = ui * segment_u[g] ** j
+                    ata[i, j] += w * uij
+                    avb[i, j] += w * w * v * uij
+        var_poly[c, :] = 0.0
         if used < m:
             coef[c, :] = np.nan
-        else:
-            coef[c, :] = np.linalg.solve(ata, atb)
+            continue
+        if not _invert(ata, inv, tmp):
+            coef[c, :] = np.nan
+            continue
+        for i in range(m):
+            coef[c, i] = 0.0
+            for j in range(m):
+                coef[c, i] += inv[i, j] * atb[j]
+        for i in range(m):  # tmp = inv avb; var_poly from tmp inv
+            for j in range(m):
+                t = 0.0
+                for q in range(m):
+                    t += inv[i, q] * avb[q, j]
+                tmp[i, j] = t
+        for i in range(m):
+            for j in range(m):
+                t = 0.0
+                for q in range(m):
+                    t += tmp[i, q] * inv[q, j]
+                var_poly[c, i + j] += t
+        for s in range(n_segments):
+            g = c * n_segments + s
+            if counts[g] < min_pixels or not np.isfinite(medians[g]) or not inv_sigma_sum[g] > 0:
+                continue
+            scale = float(counts[g]) / inv_sigma_sum[g]
+            for i in range(m):
+                h = 0.0
+                for j in range(m):
+                    h += inv[i, j] * segment_u[g] ** j
+                cov_poly[g, i] = scale * h
+
+
+def _reference(image, ok, variance, gain, key, segment_u, *, n_segments, degree, min_pixels, order):
+    """Coefficients of the reference, and of its variance and covariance with a pixel's
+    noise (see :func:`_fit_channels`); ``image`` is the data divided by ``gain``,
+    ``variance`` that of the data (None: no variances)."""
+    flat_key = key.ravel()
+    if order is None:
+        order = key_order(flat_key, segment_u.size)
+    idx, starts = order
+    values = np.ascontiguousarray(image, dtype=np.float64).ravel()
+    medians = np.empty(segment_u.size)
+    counts = np.empty(segment_u.size, np.int64)
+    inv_sigma_sum = np.empty(segment_u.size)
+    if variance is None:
+        variance, gain = np.zeros(values.size), np.zeros(values.size)
+    _group_medians(values, np.ascontiguousarray(ok).ravel(), np.ascontiguousarray(variance).ravel(),
+                   np.ascontiguousarray(gain).ravel(), idx, starts, medians, counts, inv_sigma_sum)
+    seg_var = np.nan_to_num(median_variance(counts, inv_sigma_sum), nan=0.0, posinf=0.0)
+    n_channels, m = segment_u.size // n_segments, degree + 1
+    coef, var_poly, cov_poly = np.empty((n_channels, m)), np.empty((n_channels, 2 * m - 1)), np.empty((segment_u.size, m))
+    _fit_channels(medians, counts, np.nan_to_num(segment_u), seg_var, inv_sigma_sum, n_segments, degree, min_pixels,
+                  coef, var_poly, cov_poly)
+    return coef, var_poly, cov_poly
 
 
 def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, segment_u: np.ndarray, *,
@@ -124,7 +275,8 @@ def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, seg
     key, segment_u
         From :func:`channel_keys`.
     n_segments, degree
-        Segments per channel and degree of the polynomial in ``u`` through their medians.
+        Segments per channel and degree of the polynomial in ``u`` through their medians
+        (weighted by their numbers of pixels).
     min_pixels
         A segment with fewer usable pixels gives no median.
     order
@@ -136,18 +288,9 @@ def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, seg
     (n_channels, degree + 1) float64 coefficients, lowest power first; NaN rows for
     channels with fewer than ``degree + 1`` segments.
     """
-    flat_key = key.ravel()
-    if order is None:
-        order = key_order(flat_key, segment_u.size)
-    idx, starts = order
-    values = np.ascontiguousarray(image, dtype=np.float64).ravel()
-    ok = (np.asarray(usable, dtype=bool) & np.isfinite(image)).ravel()
-    medians = np.empty(segment_u.size)
-    counts = np.empty(segment_u.size, np.int64)
-    _group_medians(values, ok, idx, starts, medians, counts)
-    coef = np.empty((segment_u.size // n_segments, degree + 1))
-    _fit_channels(medians, counts, np.nan_to_num(segment_u), n_segments, degree, min_pixels, coef)
-    return coef
+    ok = np.asarray(usable, dtype=bool) & np.isfinite(image)
+    return _reference(image, ok, None, None, key, segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels,
+                      order=order)[0]
 
 
 def key_order(flat_key: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +305,8 @@ def key_order(flat_key: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(image, variance, fit_ok, key, u, coef, weight, dark0, gain0, clip, n_segments, sums):  # pragma: no cover
+def _accumulate(image, variance, fit_ok, in_ref, key, u, coef, var_poly, cov_poly, weight, dark0, gain0, clip,
+                n_segments, sums):  # pragma: no cover - compiled
     ny, nx = image.shape
     m = coef.shape[1]
     for j in range(ny):
@@ -175,13 +319,22 @@ def _accumulate(image, variance, fit_ok, key, u, coef, weight, dark0, gain0, cli
             y = np.float64(image[j, i])
             if not (w > 0) or not np.isfinite(y) or not np.isfinite(coef[c, 0]):
                 continue
+            uu = u[j, i]
             x = 0.0
+            h = 0.0
             for p in range(m - 1, -1, -1):
-                x = x * u[j, i] + coef[c, p]
+                x = x * uu + coef[c, p]
+                h = h * uu + cov_poly[k, p]
             r = y - (dark0[j, i] + gain0[j, i] * x)
             v = np.float64(variance[j, i])
             if not (r * r <= clip * clip * v):  # also drops NaN variance
                 continue
+            # variance of the reference at u, and its covariance with this pixel's noise
+            # through the pixel's own segment median
+            vx = 0.0
+            for p in range(2 * m - 2, -1, -1):
+                vx = vx * uu + var_poly[c, p]
+            cxy = h * np.sqrt(v) if in_ref[j, i] and v > 0 else 0.0
             sums[0, j, i] += 1.0
             sums[1, j, i] += w
             sums[2, j, i] += w * x
@@ -189,6 +342,8 @@ def _accumulate(image, variance, fit_ok, key, u, coef, weight, dark0, gain0, cli
             sums[4, j, i] += w * x * x
             sums[5, j, i] += w * x * y
             sums[6, j, i] += w * y * y
+            sums[7, j, i] += w * vx
+            sums[8, j, i] += w * cxy
 
 
 def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndarray, ref_ok: np.ndarray, *,
@@ -223,7 +378,9 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
     (N_SUMS, ny, nx) float64 sums, in the order of :data:`SUM_NAMES`. Each sample is
     weighted by the inverse of the mean variance of its channel in its image, which
     is free of the pixel's own noise (weights from a pixel's own variance would bias the
-    fit toward its low values).
+    fit toward its low values). ``wvx`` and ``wcxy`` are the weighted variance of the
+    reference and its covariance with the pixel's value (the pixel's own noise in its
+    segment's median), from ``variances``; :func:`solve_sums` removes them.
     """
     k, ny, nx = images.shape
     if sums is None:
@@ -241,19 +398,23 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
         # Measured on the image flat-fielded with the prior: the fitted tilt cannot tell a
         # gradient of the flat along the channel from the zodiacal light's, so the prior
         # sets the flat's large-scale shape along each channel and the sky the rest.
-        coef = reference_fluxes((image - d0) * inverse, ref_ok[b], key, segment_u, n_segments=n_segments,
-                                degree=degree, min_pixels=min_pixels, order=order)
+        ref_image = (image - d0) * inverse
+        in_ref = np.asarray(ref_ok[b], dtype=bool) & np.isfinite(ref_image)
+        coef, var_poly, cov_poly = _reference(ref_image, in_ref, variances[b], g0, key, segment_u,
+                                              n_segments=n_segments, degree=degree, min_pixels=min_pixels, order=order)
         use = ref_ok[b] & np.isfinite(variances[b]) & (key >= 0)
         var_sum = np.bincount(channel[use], weights=variances[b][use], minlength=n_channels + 1)[:n_channels]
         var_n = np.bincount(channel[use], minlength=n_channels + 1)[:n_channels]
         with np.errstate(invalid="ignore", divide="ignore"):
             weight = np.where(var_n > 0, var_n / var_sum, 0.0)
-        _accumulate(image, variances[b], fit_ok[b], key, u, coef, weight, d0, g0, float(clip), n_segments, sums)
+        _accumulate(image, variances[b], fit_ok[b], in_ref, key, u, coef, var_poly, cov_poly, weight, d0, g0,
+                    float(clip), n_segments, sums)
     return sums
 
 
 def solve_sums(sums: np.ndarray, *, min_samples: int = 3, dark_prior: np.ndarray | None = None,
-               dark_prior_err: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               dark_prior_err: np.ndarray | None = None, reference_errors: bool = True,
+               reliability_sigmas: float = 2.0) -> dict[str, np.ndarray]:
     """Dark, flat and their uncertainties from the regression sums.
 
     Parameters
@@ -267,6 +428,20 @@ def solve_sums(sums: np.ndarray, *, min_samples: int = 3, dark_prior: np.ndarray
         and its 1-sigma error: it enters as one more sample at zero reference flux with
         weight ``1 / dark_prior_err**2``. The sky alone constrains the intercept poorly
         (the reference flux never reaches zero), so the prior mostly sharpens the slope.
+    reference_errors
+        Remove the reference's own noise (``wvx`` from ``wxx``) and its covariance with
+        the pixel (``wcxy`` from ``wxy``) before solving: a moment (Deming) correction
+        of the regression dilution. False gives the plain least-squares fit.
+    reliability_sigmas
+        The corrected denominator ``Sxx - wvx`` (``Sxx = wxx - wx**2 / w``, the observed
+        weighted variance of the reference) is kept at least this many of its own
+        standard errors, about ``sqrt(2 / n) Sxx`` where the reference's noise dominates,
+        above zero: the correction removes at most ``1 - reliability_sigmas sqrt(2 / n)``
+        of ``Sxx`` (both terms scaled down alike). Where the reference's noise is most of
+        its variance (few images of a sky that barely changes) the fully corrected slope
+        is a ratio of two noisy numbers whose first-order errors no longer hold; there it
+        is corrected in part (it lies between the plain and the corrected slope) and its
+        errors stay right.
 
     Returns
     -------
@@ -274,9 +449,14 @@ def solve_sums(sums: np.ndarray, *, min_samples: int = 3, dark_prior: np.ndarray
         ``dark`` (intercept) [electron/s], ``flat`` (slope), ``dark_err``, ``flat_err``
         (1 sigma, scaled by the reduced chi-square of the pixel's own fit, so that they
         hold for pixels noisier than the weights assume), ``chi2`` (reduced
-        chi-square) and ``n`` (samples used).
+        chi-square) and ``n`` (samples used). The chi-square is that of the residuals
+        about the solution with the noisy reference, which holds the reference's noise
+        (times the slope) as well as the pixel's: the scatter that the errors of the
+        corrected estimates follow. With the correction ``c`` (``wvx`` or its cap) the
+        slope's variance is ``chi2 Sxx / (Sxx - c)**2``: the products of the two noises
+        add about ``c chi2`` to the variance of the numerator.
     """
-    n, w, wx, wy, wxx, wxy, wyy = (np.asarray(s, dtype=np.float64) for s in sums)
+    n, w, wx, wy, wxx, wxy, wyy, wvx, wcxy = (np.asarray(s, dtype=np.float64) for s in sums)
     if dark_prior is not None and dark_prior_err is not None:
         with np.errstate(divide="ignore"):
             p = np.where(dark_prior_err > 0, 1.0 / np.asarray(dark_prior_err, np.float64) ** 2, 0.0)
@@ -284,16 +464,25 @@ def solve_sums(sums: np.ndarray, *, min_samples: int = 3, dark_prior: np.ndarray
         p = np.where(np.isfinite(p), p, 0.0)
         w, wy, wyy = w + p, wy + p * d0, wyy + p * d0 * d0
     with np.errstate(invalid="ignore", divide="ignore"):
-        det = w * wxx - wx * wx
-        slope = (w * wxy - wx * wy) / det
-        intercept = (wxx * wy - wx * wxy) / det
+        sxx = wxx - wx * wx / w  # observed weighted variance of the reference (times w)
+        # the share f of the correction applied: 1 unless capped (then both terms alike, so
+        # that the slope lies between the plain and the fully corrected one)
+        keep = np.clip(reliability_sigmas * np.sqrt(2.0 / np.maximum(n - 2, 1)), 0.0, 1.0)
+        f = np.clip(np.where(wvx > 0, (1.0 - keep) * sxx / wvx, 1.0), 0.0, 1.0) if reference_errors \
+            else np.zeros_like(wxx)
+        cxx, cxy = wxx - f * wvx, wxy - f * wcxy
+        det = w * cxx - wx * wx
+        slope = (w * cxy - wx * wy) / det
+        intercept = (cxx * wy - wx * cxy) / det
         resid = wyy - 2 * slope * wxy - 2 * intercept * wy + slope**2 * wxx + 2 * slope * intercept * wx \
             + intercept**2 * w
         chi2 = np.maximum(resid, 0.0) / (n - 2)
+        den = det / w  # sxx - corr
+        slope_var = chi2 * sxx / den**2
         ok = (n >= max(min_samples, 3)) & (det > 0)
         out = {
             "dark": intercept, "flat": slope,
-            "dark_err": np.sqrt(chi2 * wxx / det), "flat_err": np.sqrt(chi2 * w / det),
+            "dark_err": np.sqrt(chi2 / w + (wx / w) ** 2 * slope_var), "flat_err": np.sqrt(slope_var),
             "chi2": chi2,
         }
     out = {k: np.where(ok, v, np.nan) for k, v in out.items()}
