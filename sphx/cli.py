@@ -42,12 +42,15 @@ def main() -> None:
 @click.option("--exposures", default=4, show_default=True, type=int, help="Number of exposures.")
 @click.option("--profile", default=None, help="Compute profile (default: embedded LocalCluster).")
 @click.option("--progress/--no-progress", default=None, help="Show progress bars (default: on a terminal).")
-def demo(output: str, full: bool, exposures: int, profile: str | None, progress: bool | None) -> None:
+@click.option("--calibrate", is_flag=True,
+              help="Also solve the dark current and flat field from the survey (needs --exposures 24 or more).")
+def demo(output: str, full: bool, exposures: int, profile: str | None, progress: bool | None,
+         calibrate: bool) -> None:
     """Run the whole pipeline that exists on a small default survey."""
     from .demo import run_demo
 
     try:
-        run_demo(output, full=full, n_exposures=exposures, profile=profile, progress=progress)
+        run_demo(output, full=full, n_exposures=exposures, profile=profile, progress=progress, calibrate=calibrate)
     except SphxError as e:
         _fail(e)
 

@@ -21,7 +21,10 @@ every level the recipes write. What runs today:
 5. ``recipes/l3.yaml`` runs Level 3: background and forced photometry of every
    catalogued source on every image, then per sky tile the primary, secondary
    (spectra and variability) and high-reliability catalogs, as Parquet tables and HATS
-   catalogs (``repository/hats/``); a few recovered spectra are compared with the truth.
+   catalogs (``repository/hats/``); a few recovered spectra are compared with the truth;
+6. with ``--calibrate`` (and at least 24 exposures), the dark current and flat field are
+   solved from the survey's own images (``recipes/calib-dark-flat.yaml``) as new
+   calibration versions and compared with the truth.
 
 On the small test geometry a detector sees 1/68 of a real one's sky, so the demo's sky
 has ten times the stars per square degree (none brighter than AB mag 10, which would
@@ -35,6 +38,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -50,6 +54,7 @@ from .wcs import cube_wcs
 __all__ = ["DemoResult", "recipe_path", "run_demo"]
 
 _MARKER = ".sphx-demo"
+CALIBRATION_EXPOSURES = 24  # the dark/flat solver's min_images (20) with every band present
 # flags that make a pixel unusable for the comparison with the truth (SOURCE is not one)
 _DEMO_BAD = ("TRANSIENT", "OVERFLOW", "SUR_ERROR", "NONFUNC", "DICHROIC", "MISSING_DATA", "HOT", "COLD",
              "PHANMISS", "NONLINEAR", "PERSIST", "OUTLIER")
@@ -77,6 +82,7 @@ class DemoResult:
     level3: RunReport | None = None
     catalogs: dict[str, str] | None = None  # HATS catalog directories by table name
     spectra_chi2: list[tuple[float, int]] | None = None  # (chi2/dof, measurements) of spectra against the truth
+    calibration: dict[int, dict[str, float]] | None = None  # band -> dark and flat against the truth (--calibrate)
 
 
 def _prepare(output: Path) -> Path:
@@ -97,6 +103,7 @@ def run_demo(
     seed: int = 2025,
     profile: str | None = None,
     progress: bool | None = None,
+    calibrate: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the demo; see the module docstring.
@@ -113,15 +120,25 @@ def run_demo(
         Seed of the simulation.
     profile
         Compute profile (default: embedded ``LocalCluster``).
+    calibrate
+        Also solve the dark current and flat field from the survey
+        (``recipes/calib-dark-flat.yaml``) as new calibration versions and compare them
+        with the truth; needs at least ``CALIBRATION_EXPOSURES`` exposures. (The
+        absolute gain is left out: on the small detectors even 24 exposures of 2000
+        calibrators per square degree leave some spectral channels of band 4 without
+        a calibrator measurement.)
     """
     from .simulate import TRUTH_LEVEL, load_config, simulate_survey
 
     say = log or (lambda s: print(s, flush=True))
     if n_exposures < 1:
         raise SphxError(f"n_exposures must be at least 1, got {n_exposures}")
+    if calibrate and n_exposures < CALIBRATION_EXPOSURES:
+        raise SphxError(f"the calibration solvers need at least {CALIBRATION_EXPOSURES} exposures, got "
+                        f"{n_exposures}: add --exposures {CALIBRATION_EXPOSURES}")
+    sky = {} if full else {"star_density": 15000.0, "mag_bright": 10.0}
     config = load_config({"seed": seed, "instrument": "SPHEREx" if full else "SPHEREx-small",
-                          "survey": {"n_exposures": n_exposures, "pointing_error": 3.0},
-                          **({} if full else {"sky": {"star_density": 15000.0, "mag_bright": 10.0}})})
+                          "survey": {"n_exposures": n_exposures, "pointing_error": 3.0}, "sky": sky})
     out = _prepare(Path(output).resolve())
     instrument = config.instrument_model
     say(f"sphx demo: writing into {out}")
@@ -165,10 +182,39 @@ def run_demo(
     level3 = run_recipe(recipe_path("l3"), repo, profile=profile, progress=progress, log=say)
     catalogs = dict(level3.writes[-1].catalogs)
     chi2 = _spectra(repo, say)
+    solved_cal = _calibrate(repo, say, profile=profile, progress=progress) if calibrate else None
     say(f"done: open the levels with xarray.open_zarr('{repo.level_url('l2')}') (also l1, l2a); the catalogs with "
         f"lsdb.open_catalog('{catalogs.get('l3_secondary', repo.catalog_path('l3_secondary'))}') or as Parquet "
         f"tables in {repo.table_path('l3_primary')}")
-    return DemoResult(out, repo, run, pulls, found, len(flagged), solved, worst, files, level3, catalogs, chi2)
+    return DemoResult(out, repo, run, pulls, found, len(flagged), solved, worst, files, level3, catalogs, chi2,
+                      solved_cal)
+
+
+def _calibrate(repo: Repository, say: Callable[[str], None], **compute: Any) -> dict[int, dict[str, float]]:
+    """Solve the dark current and flat field from the survey and compare them with the truth."""
+    truth = repo.open_state("simulation_truth")
+    run_recipe(recipe_path("calib-dark-flat"), repo, log=say, **compute)
+    dark, flat = repo.open_calibration("dark"), repo.open_calibration("flat_field")
+    cwave = repo.open_calibration("spectral_wcs")["CWAVE"]
+    say("  dark current and flat field solved from the survey, against the truth (unmasked pixels):")
+    out = {}
+    for b in dark["band"].values:
+        t = truth.sel(band=b)
+        good = (t["MASKS"].values == 0) & np.isfinite(dark["DARK"].sel(band=b).values)
+        resid = (dark["DARK"].sel(band=b).values - t["DARK"].values)[good]
+        expected = np.sqrt(np.mean(dark["DARK_ERR"].sel(band=b).values[good] ** 2))
+        # the flat is relative within a spectral channel: compare FLAT x true gain with its channel median
+        edges = repo.instrument.channel_edges(int(b))
+        channel = np.clip(np.searchsorted(edges, cwave.sel(band=b).values) - 1, 0, edges.size - 2)
+        product = flat["FLAT"].sel(band=b).values * t["ABS_GAIN"].values
+        medians = np.array([np.median(product[good & (channel == c)]) for c in range(edges.size - 1)])
+        rel = (product / medians[channel])[good]
+        out[int(b)] = {"dark_rms_over_error": float(np.sqrt(np.mean(resid**2)) / expected),
+                       "flat_rms": float(np.std(rel)),
+                       "flat_error": float(np.sqrt(np.mean(flat["FLAT_ERR"].sel(band=b).values[good] ** 2)))}
+        say(f"    D{int(b)}: dark rms residual {out[int(b)]['dark_rms_over_error']:.2f} x its error; flat rms "
+            f"{out[int(b)]['flat_rms']:.2%} per pixel (statistical error {out[int(b)]['flat_error']:.2%})")
+    return out
 
 
 def _spectra(repo: Repository, say: Callable[[str], None], *, n: int = 3) -> list[tuple[float, int]]:

@@ -58,3 +58,19 @@ def test_demo_command_on_the_embedded_cluster(tmp_path):
     assert f"writing into {tmp_path / 'sphx-demo'}" in proc.stdout
     assert "compute: distributed.LocalCluster()" in proc.stdout and "dashboard: http" in proc.stdout
     assert (tmp_path / "sphx-demo" / "repository" / "l2.zarr" / "zarr.json").exists()
+
+
+def test_demo_calibrate_needs_enough_exposures(tmp_path):
+    with pytest.raises(SphxError, match="at least 24 exposures, got 4: add --exposures 24"):
+        run_demo(tmp_path / "out", n_exposures=4, calibrate=True, log=lambda s: None)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_demo_solves_dark_and_flat_from_its_survey(tmp_path):
+    # ~3 minutes: 24 exposures of every band
+    result = run_demo(tmp_path / "out", n_exposures=24, calibrate=True, profile="threads", log=lambda s: None)
+    assert result.repository.calibration_versions("dark") == [1, 2]
+    for band, numbers in result.calibration.items():
+        assert 0.8 < numbers["dark_rms_over_error"] < 1.1, (band, numbers)
+        assert numbers["flat_rms"] < 1.2 * numbers["flat_error"], (band, numbers)
