@@ -227,7 +227,7 @@ def test_new_versions_carry_other_bands_and_record_provenance(calib_repo):
 
 # --- recipes --------------------------------------------------------------------------
 def test_calibration_recipes_check_and_refuse_bad_keys(calib_repo):
-    for name, writes in (("calib-dark-flat", "dark, flat_field"),):
+    for name, writes in (("calib-dark-flat", "dark, flat_field"), ("calib-psf", "average_psf")):
         plan = check_recipe(load_recipe(recipe_path(name)), calib_repo)
         assert plan[0]["output"].endswith(writes)
     with pytest.raises(RecipeError, match="flat_field"):  # the absolute gain needs the flat first

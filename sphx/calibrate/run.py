@@ -93,7 +93,7 @@ def get_solver(name: str) -> Solver:
 
 
 def _load_solvers() -> None:
-    from . import abs_gain, dark_flat  # noqa: F401  (they register themselves)
+    from . import abs_gain, dark_flat, psf  # noqa: F401  (they register themselves)
 
 
 @dataclass

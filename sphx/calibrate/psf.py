@@ -1,0 +1,337 @@
+"""Measure Exposure-Averaged PSF (paper section 4.4) as a Dask reduction.
+
+On every Level 2 image the reference catalogue's bright, isolated stars are placed with
+the image's fine WCS, and the native pixels around each (less the median of a square
+ring around it, divided by the star's catalogue flux at the pixel's wavelength) are
+stacked at their sub-pixel offsets onto a 10x oversampled grid, one per PSF zone (the
+nearest zone centre; :func:`sphx.kernels.psf_stack.stack_stars`). The stack is the
+pixel-convolved (effective) PSF; the pixel response is then deconvolved iteratively
+(:func:`sphx.kernels.psf_stack.deconvolve_pixel`) onto the stack's grid, normalised to unit flux over it and cut to the product's 101 x 101
+stamp, so that each plane holds the fraction of the flux per oversampled pixel, as the
+archive's ``average_psf`` does.
+
+A star's catalogue flux only scales its samples: an error in it (or in the absolute
+gain) adds scatter to the stack, not a change of shape, and the final normalisation
+removes the scale.
+
+Graph: one task per image makes its (2, zones, S, S) float64 accumulators (sums and
+counts) and per-zone star counts; they are added in a tree and deconvolved per band.
+Memory is a few accumulators (~20 MB for 121 zones) whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dask
+import dask.array as da
+import numpy as np
+import pydantic
+import xarray as xr
+
+from .. import flags as _flags
+from ..astrometry.catalog import CATALOG_WAVELENGTHS, F0, KIND, catalog_array, interpolate_flux, sources_in_image
+from ..ephemeris import julian_year
+from ..errors import CalibrationError
+from ..io.repository import Repository
+from ..kernels.psf_stack import deconvolve_pixel, stack_grid_size, stack_stars
+from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
+from ..wcs import cube_wcs
+from .inputs import SolverInputs
+from .run import Solver, register_solver
+
+__all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image"]
+
+_SNR_FLOOR = 100.0  # star S/N (flux over one pixel's noise) at which a star's weight is 1/2
+_UJY_PER_MJY_SR_ARCSEC2 = 1e12 * (math.pi / (180.0 * 3600.0)) ** 2  # uJy per (MJy/sr x arcsec^2)
+
+
+class PsfConfig(pydantic.BaseModel):
+    """Options of :func:`estimate_psf` (unknown keys are errors)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    half_size: int = pydantic.Field(5, ge=3, description="stacked cutouts are 2 half_size + 1 native pixels wide")
+    isolation: float = pydantic.Field(6.0, gt=0, description="[pixel] no brighter neighbour within this distance")
+    max_neighbour: float = pydantic.Field(0.1, gt=0, description="neighbours fainter than this fraction are allowed")
+    min_snr: float = pydantic.Field(50.0, ge=0, description="star flux over one pixel's noise; fainter are not used")
+    min_stars: int = pydantic.Field(1000, ge=1, description="stars per zone; fewer is an error")
+    iterations: int = pydantic.Field(400, ge=1, description="most deconvolution iterations")
+    smoothing: float | None = pydantic.Field(None, gt=0, description="deconvolution smoothness (None: default)")
+    compactness: float | None = pydantic.Field(None, ge=0, description="deconvolution compactness (None: default)")
+    require_astrometry: bool = True
+
+
+def _ring_offsets(inner: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets of the square ring of ``width`` pixels just outside a cutout of half-size ``inner``."""
+    r = inner + width
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    ring = np.maximum(np.abs(dy), np.abs(dx)) > inner
+    return dy[ring], dx[ring]
+
+
+def isolated_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, candidates: np.ndarray, *, radius: float,
+                   fraction: float) -> np.ndarray:
+    """Which candidates have no neighbour brighter than ``fraction`` of their flux within ``radius``.
+
+    Parameters
+    ----------
+    x, y, flux
+        All catalogue sources on the image [pixel], [any flux unit]; non-finite fluxes
+        count as bright.
+    candidates
+        Indices into them of the stars to test.
+    radius
+        [pixel].
+    fraction
+        Neighbours fainter than ``fraction * flux`` are allowed.
+
+    Returns
+    -------
+    np.ndarray
+        bool per candidate.
+    """
+    from scipy.spatial import cKDTree
+
+    if not candidates.size:
+        return np.zeros(0, bool)
+    tree = cKDTree(np.column_stack([x, y]))
+    bright = np.where(np.isfinite(flux), flux, np.inf)
+    keep = np.ones(candidates.size, bool)
+    for k, near in enumerate(tree.query_ball_point(np.column_stack([x[candidates], y[candidates]]), radius)):
+        i = candidates[k]
+        near = np.asarray(near, np.int64)
+        keep[k] = not np.any((near != i) & (bright[near] > fraction * flux[i]))
+    return keep
+
+
+def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: np.ndarray, y: np.ndarray,
+                flux: np.ndarray, zone: np.ndarray, *, n_zones: int, oversampling: int, half_size: int,
+                mask: int = int(PHOTOMETRY_MASK)) -> tuple[np.ndarray, np.ndarray]:
+    """Stack one image's stars into per-zone accumulators.
+
+    Parameters
+    ----------
+    image, variance, flags
+        (ny, nx) surface brightness [MJy/sr], its variance [(MJy/sr)^2] and FLAGS.
+    x, y
+        Star positions [pixel, 0-based array indices].
+    flux
+        Catalogue flux of each star in image units x pixel [MJy/sr x pixel].
+    zone
+        PSF zone of each star (-1: skip).
+    n_zones, oversampling, half_size
+        Accumulator planes, grid oversampling, cutout half-size [pixel].
+    mask
+        FLAGS bits that make a pixel unusable.
+
+    Returns
+    -------
+    acc
+        (2, n_zones, S, S) float64: sums and counts of :func:`stack_stars`.
+    stars
+        (n_zones,) stars that contributed.
+
+    Notes
+    -----
+    Stars whose 3 x 3 core has a masked, saturated (OVERFLOW) or non-linear pixel are
+    left out: the wings of a saturated star would enter without its core, and with
+    a weight its missing core cannot justify. A star's samples are weighted by
+    ``s^2 / (s^2 + 100^2)``, ``s`` its flux over the background noise (the median
+    variance of the ring): the inverse variance of its samples with a floor for what
+    does not average down with brightness (the spread of offsets within a bin,
+    neighbours), scaled so that a bright star weighs 1 as the deconvolution's
+    regularisation expects. Weights growing as ``s^2`` without that floor let a few
+    bright stars make each zone, and the zones' FWHM scattered 3 times more.
+    """
+    size = stack_grid_size(half_size=half_size, oversampling=oversampling)
+    acc = np.zeros((2, n_zones, size, size))
+    stars = np.zeros(n_zones, np.int64)
+    if not x.size:
+        return acc, stars
+    ny, nx = image.shape
+    usable = ((flags & np.uint32(mask)) == 0) & np.isfinite(image)
+    clean = usable & ((flags & np.uint32(_flags.Flag.OVERFLOW | _flags.Flag.NONLINEAR)) == 0)
+    cy, cx = np.mgrid[-1:2, -1:2]
+    jy = np.clip(np.floor(y + 0.5).astype(np.int64)[:, None] + cy.ravel(), 0, ny - 1)
+    jx = np.clip(np.floor(x + 0.5).astype(np.int64)[:, None] + cx.ravel(), 0, nx - 1)
+    core_ok = clean[jy, jx].all(axis=1)
+    # background: the median of a ring just outside the cutout (at least half of it usable)
+    dy, dx = _ring_offsets(half_size)
+    iy = np.floor(y + 0.5).astype(np.int64)[:, None] + dy
+    ix = np.floor(x + 0.5).astype(np.int64)[:, None] + dx
+    inside = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
+    iyc, ixc = np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)
+    ring = np.where(inside & usable[iyc, ixc], image[iyc, ixc], np.nan)
+    enough = np.isfinite(ring).sum(axis=1) >= ring.shape[1] // 2
+    sky = np.nanmedian(np.where(enough[:, None], ring, 0.0), axis=1)
+    noise = np.sqrt(np.nanmedian(np.where(enough[:, None] & np.isfinite(ring), variance[iyc, ixc], 1.0), axis=1))
+    zone = np.where(enough & core_ok & (noise > 0), zone, -1)
+    if not np.any(zone >= 0):
+        return acc, stars
+    snr2 = np.where(zone >= 0, (flux / noise) ** 2, np.nan)
+    weight = snr2 / (snr2 + _SNR_FLOOR**2)
+    stars += np.bincount(zone[zone >= 0], minlength=n_zones)
+    stack_stars(image, usable, x, y, flux, sky, zone, sums=acc[0], counts=acc[1], weight=weight,
+                half_size=half_size, oversampling=oversampling)
+    return acc, stars
+
+
+def _stack_task(image, variance, flags, meta, location, band, obs, zone_x, zone_y, omega, cwave, oversampling,
+                config):
+    from ..io.repository import open_repository
+
+    image, variance, flags = image[0, 0], variance[0, 0], flags[0, 0]
+    n_zones = zone_x.size
+    size = stack_grid_size(half_size=config.half_size, oversampling=oversampling)
+    empty = np.zeros((2, n_zones, size, size)), np.zeros(n_zones, np.int64)
+    table = image_catalog(open_repository(location).open_table("refcat"), meta, band=band, obs=obs,
+                          columns=["source_id", "ra", "dec", "ref_epoch", "pmra", "pmdec", "parallax", "kind",
+                                   *CATALOG_WAVELENGTHS])
+    if not table.num_rows:
+        return empty
+    cat = catalog_array(table)
+    x0, y0 = int(meta["x"].values[0]), int(meta["y"].values[0])
+    ny, nx = image.shape
+    epoch = float(julian_year(float(meta["mjd_avg"].values[0])))
+    rows, x, y = sources_in_image(cat, cube_wcs(meta, band=band, obs=obs), (x0, x0 + nx - 1), (y0, y0 + ny - 1),
+                                  epoch, margin=config.isolation)
+    xs, ys = x - x0, y - y0
+    ix = np.clip(np.floor(xs + 0.5).astype(np.int64), 0, nx - 1)
+    iy = np.clip(np.floor(ys + 0.5).astype(np.int64), 0, ny - 1)
+    flux = interpolate_flux(cat[rows, F0:F0 + len(CATALOG_WAVELENGTHS)], cwave[iy, ix])  # [uJy]
+    # image units x pixel, the unit of a star's summed pixels
+    flux_image = flux / (omega[iy, ix] * _UJY_PER_MJY_SR_ARCSEC2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = flux_image / np.sqrt(variance[iy, ix])
+    h = config.half_size
+    star = ((cat[rows, KIND] == 0) & (snr >= config.min_snr) & (xs >= h) & (xs <= nx - 1 - h)
+            & (ys >= h) & (ys <= ny - 1 - h))
+    candidates = np.flatnonzero(star)
+    chosen = candidates[isolated_stars(xs, ys, flux, candidates, radius=config.isolation,
+                                       fraction=config.max_neighbour)]
+    if not chosen.size:
+        return empty
+    # the nearest zone centre (zones run x-fast: plane = iy * nx_zones + ix)
+    zx, zy = np.unique(zone_x) - x0, np.unique(zone_y) - y0
+    kx = np.abs(xs[chosen, None] - zx[None, :]).argmin(axis=1)
+    ky = np.abs(ys[chosen, None] - zy[None, :]).argmin(axis=1)
+    return stack_image(image, variance, flags, xs[chosen], ys[chosen], flux_image[chosen], ky * zx.size + kx,
+                       n_zones=n_zones, oversampling=oversampling, half_size=h)
+
+
+def _within_reach(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
+                  radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the stack bins farther than ``radius`` [pixel] from the star.
+
+    The square cutouts reach 1.4 times their half-size in the corners, beyond the
+    isolation radius, where the light of brighter neighbours adds up (it put 20-35 %
+    of the flux into the corners of the simulated stacks). The deconvolution fills the
+    dropped bins from its penalties.
+    """
+    size = sums.shape[-1]
+    r = (np.arange(size) - (size - 1) / 2) / oversampling
+    r = np.hypot(r[:, None], r[None, :])
+    keep = r <= radius
+    # what is left of the background: the ring median under each star sees the light of
+    # neighbours outside the isolation radius, so it sits a little above the sky near the
+    # star (-3e-4 of the flux per pixel, -1.5 % over the cutout, in the simulated stacks);
+    # the outermost pixel of the reach, where the PSF is negligible, gives the offset
+    edge = keep & (r > radius - 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        level = sums[:, edge].sum(axis=1) / counts[:, edge].sum(axis=1)
+    level = np.where(np.isfinite(level), level, 0.0)
+    return (sums - level[:, None, None] * counts) * keep, counts * keep
+
+
+def _finish(acc: np.ndarray, stars: np.ndarray, *, size: int, oversampling: int, config: PsfConfig,
+            band: int, n_side: int) -> np.ndarray:
+    short = [f"zone {z} (x {z % n_side}, y {z // n_side}) has {n}" for z, n in enumerate(stars)
+             if n < config.min_stars]
+    if short:
+        shown = "; ".join(short[:5]) + (f"; and {len(short) - 5} more zones" if len(short) > 5 else "")
+        raise CalibrationError(f"band {band}: the PSF needs at least {config.min_stars} isolated stars per zone "
+                               f"(min_stars), but {shown}; add exposures (fields near the galactic plane have more "
+                               "stars) or lower min_stars")
+    # a neighbour's core reaches ~1.5 pixel toward the star
+    reach = min(config.half_size + 0.5, config.isolation - 1.5)
+    sums, counts = _within_reach(acc[0], acc[1], oversampling=oversampling, radius=reach)
+    full = acc.shape[-1]
+    options = {k: v for k in ("smoothing", "compactness") if (v := getattr(config, k)) is not None}
+    psf = deconvolve_pixel(sums, counts, oversampling=oversampling, size=full, iterations=config.iterations,
+                           **options)
+    psf /= psf.sum(axis=(1, 2), keepdims=True)
+    cut = (full - size) // 2
+    return psf[:, cut:cut + size, cut:cut + size].astype(np.float32)
+
+
+def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | None = None, *,
+                 calibrations: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
+    """Exposure-averaged PSF of the selected detectors (lazy).
+
+    Parameters
+    ----------
+    repo
+        The repository (its ``refcat`` table is read by the tasks).
+    inputs
+        Level 2 ``IMAGE`` [MJy/sr], ``VARIANCE``, ``FLAGS`` and the fine WCS.
+    config
+        :class:`PsfConfig`.
+    calibrations
+        ``average_psf`` (zone centres and grid of the product), ``solid_angle_pixel_map``
+        and ``spectral_wcs``.
+
+    Returns
+    -------
+    dict
+        ``average_psf``: PSF (band, zone, psf_y, psf_x) on the zones and grid of the
+        prior product, and N_STARS (band, zone).
+    """
+    c = config or PsfConfig()
+    prior = calibrations["average_psf"]
+    over = int(prior.attrs.get("oversampling", repo.instrument.psf_oversampling))
+    size = prior.sizes["psf_x"]
+    zone_x, zone_y = prior["zone_x"].values, prior["zone_y"].values
+    n_zones = zone_x.size
+    px = inputs.pixels
+    finast = px["finast"].values if "finast" in px else np.zeros((len(inputs.bands), px.sizes["obs"]))
+    meta = px.drop_vars([n for n, v in px.variables.items() if "y" in v.dims and n not in px.indexes])
+    blocks = {n: px[n].data.rechunk((1, 1, -1, -1)).to_delayed() for n in ("IMAGE", "VARIANCE", "FLAGS")}
+    s = stack_grid_size(half_size=c.half_size, oversampling=over)
+    planes, counts = [], []
+    for i, band in enumerate(inputs.bands):
+        # maps as graph inputs (dask-backed from the repository: nothing is read while building)
+        omega = calibrations["solid_angle_pixel_map"]["SAPM"].sel(band=band).data.astype(np.float64)
+        cwave = calibrations["spectral_wcs"]["CWAVE"].sel(band=band).data.astype(np.float64)
+        parts = []
+        for j, obs in enumerate(px["obs"].values):
+            if not inputs.present.values[i, j] or (c.require_astrometry and finast[i, j] != 0):
+                continue
+            parts.append(dask.delayed(_stack_task, nout=2)(
+                *(blocks[n][i, j, 0, 0] for n in ("IMAGE", "VARIANCE", "FLAGS")), meta.isel(band=[i], obs=[j]),
+                repo.location, int(band), int(obs), zone_x, zone_y, omega, cwave, over, c,
+                dask_key_name=f"psf-stack-{obs}-D{band}"))
+        if not parts:
+            raise CalibrationError(f"band {band}: no image with fine astrometry to stack stars from")
+        acc = da.stack([da.from_delayed(p[0], (2, n_zones, s, s), np.float64) for p in parts]).sum(
+            axis=0, split_every=4)
+        n = da.stack([da.from_delayed(p[1], (n_zones,), np.int64) for p in parts]).sum(axis=0, split_every=16)
+        plane = dask.delayed(_finish)(acc, n, size=size, oversampling=over, config=c, band=int(band),
+                                      n_side=np.unique(zone_x).size)
+        planes.append(da.from_delayed(plane, (n_zones, size, size), np.float32))
+        counts.append(n)
+    ds = xr.Dataset(
+        {"PSF": (("band", "zone", "psf_y", "psf_x"), da.stack(planes), prior["PSF"].attrs),
+         "N_STARS": (("band", "zone"), da.stack(counts), {"units": "", "long_name": "stars stacked in the zone"})},
+        coords={"band": np.asarray(inputs.bands, np.int64),
+                **{k: v for k, v in prior.coords.items() if k != "band" and "band" not in v.dims}},
+        attrs=dict(prior.attrs))
+    return {"average_psf": ds}
+
+
+register_solver(Solver(
+    "psf", "Measure Exposure-Averaged PSF", PsfConfig,
+    reads={"IMAGE": "l2", "VARIANCE": "l2", "FLAGS": "l2"}, calibrations=("average_psf", "solid_angle_pixel_map"),
+    tables=("refcat",), writes=("average_psf",), solve=estimate_psf,
+    extra=("wcs_crpix", "wcs_crval", "wcs_cd", "wcs_sip_a", "wcs_sip_b", "wcs_sip_ap", "wcs_sip_bp", "finast",
+           "sc_position")))

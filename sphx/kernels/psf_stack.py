@@ -1,0 +1,591 @@
+"""Exposure-averaged PSF: stars stacked on an oversampled grid, then the pixel deconvolved.
+
+The kernels of the "Measure Exposure-Averaged PSF" calibration step, after the method of
+Symons et al. (2021):
+
+1. **Stack.** Every native pixel in a (2h+1)^2 cutout around a star, background
+   subtracted and divided by the star's flux, is a sample of the *effective* PSF (the
+   optical PSF convolved with the pixel) at the offset ``d = pixel centre - star``. The
+   sample goes into the bin of an ``oversampling`` times finer grid nearest to ``d``
+   (:func:`stack_stars`). The accumulators are a sum and a count per bin, so partial
+   stacks from different images or tasks combine by plain addition, in any order.
+2. **Deconvolve.** A native pixel is the sum of the ``o x o`` oversampled PSF bins under
+   it, so the stack mean is the optical PSF ``P`` (on the oversampled grid) convolved with
+   a top-hat of one native pixel, separably in x and y. :func:`deconvolve_pixel` solves
+   that for ``P`` by weighted least squares (weights = sample counts) with a light
+   smoothness penalty, by preconditioned conjugate gradients.
+
+Grids and conventions
+---------------------
+Pixel ``(j, i)`` covers ``x`` in ``[i - 0.5, i + 0.5)`` (``y`` likewise). The stack grid
+is ``S x S`` (:func:`stack_grid_size`) with centre index ``c = (S - 1) // 2``; bin ``k``
+is centred at offset ``(k - c) / o`` [native pixel] and spans ``+-0.5 / o``. The product
+is ``size x size`` (101 for the archive's ``average_psf``), centred on the same offset 0,
+each value the optical PSF integrated over one oversampled pixel, so that a plane sums
+to the fraction of the star's flux inside it: the layout that
+:func:`sphx.kernels.photometry.template_bank` reads.
+
+The forward model
+-----------------
+A stack bin averages the pixel integral of the PSF over offsets spread uniformly across
+the bin, so its mean is ``(1/delta) int P_c(x_k - t) box_1(t) dt``: ``P_c`` the PSF
+integrated over a bin-wide window (whose samples at the bin centres are the product's
+values), ``delta = 1/o``. The trapezoid rule on the bin centres turns that into the 1-d
+kernel ``[0.5, 1, ..., 1, 0.5]`` (``o + 1`` taps, even ``o``; ``o`` ones by the
+midpoint rule for odd ``o``), exact in flux but with the second moment
+``1/12 + 1/(6 o^2)`` pixel^2 instead of the pixel's ``1/12``: fitted with it, ``P``
+comes out narrower than the truth by ``1/(6 o^2)`` pixel^2 in variance (FWHM -0.2 % at
+sigma = 0.65 pixel, ``o = 10``). The Euler-Maclaurin end terms (``-+1/24`` on the bins
+either side of each pixel edge, :func:`_pixel_kernel`) remove that: on noise-free,
+exactly bin-averaged stacks the fitted ``P`` matches the truth to 1e-4 of its peak.
+
+The solver
+----------
+Per zone, weighted least squares (weights = counts) plus a smoothness penalty chosen so
+that, for uniform counts, the normal equations are diagonal in a per-axis generalised
+eigenbasis (:func:`_basis`). Conjugate gradients in that basis, preconditioned by the
+uniform-count diagonal, then converge in about ten iterations whatever the scatter of
+the counts, where plain CG would need thousands (the pixel top-hat has exact zeros at
+multiples of 1 cycle per native pixel, which only the penalty controls). Every
+operator is a pair of small dense matrix products for all zones at once (no FFT).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numba
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+from scipy.interpolate import CubicSpline
+
+__all__ = ["deconvolve_pixel", "effective_psf", "psf_fwhm_2d", "stack_grid_size", "stack_stars"]
+
+_SMOOTHING = 1.5  # default strength of the deconvolution's smoothness penalty
+_COMPACTNESS = 0.1  # default strength of its compactness penalty [pixel^-4]
+_WIDTH_POWER = 7  # the penalty scales as the PSF width to this power
+_RTOL = 1e-8  # relative residual (preconditioned norm) at which a zone's conjugate gradients stop
+
+
+# --- stacking --------------------------------------------------------------------------
+def stack_grid_size(*, half_size: int, oversampling: int) -> int:
+    """Side of the stacking grid [oversampled bins].
+
+    Parameters
+    ----------
+    half_size
+        Cutout half-size [native pixel]: stars contribute ``(2 half_size + 1)^2`` pixels.
+    oversampling
+        Bins per native pixel.
+
+    Returns
+    -------
+    int
+        ``S = oversampling (2 half_size + 1) + 1`` for even ``oversampling`` (odd; centre
+        index ``(S - 1) // 2``). For odd ``oversampling`` that would be even, so it is one
+        more (``+ 2``): the grid stays symmetric about its centre bin and still holds
+        every offset a cutout pixel can have.
+    """
+    if half_size < 0 or oversampling < 1:
+        raise ValueError(f"need half_size >= 0 and oversampling >= 1, got {half_size}, {oversampling}")
+    # offsets reach +-(half_size + 0.5) native pixels, i.e. +-ceil(o (h + 1/2)) bins
+    reach = (oversampling * (2 * half_size + 1) + 1) // 2
+    return 2 * reach + 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _stack(image, usable, xs, ys, norm, sky, weight, zone, order, sums, counts, half, o):
+    ny, nx = image.shape
+    size = sums.shape[-1]
+    c = (size - 1) // 2
+    n_used = 0
+    for s in order:
+        z = zone[s]
+        x, y, f, b, w = xs[s], ys[s], norm[s], sky[s], weight[s]
+        if (z < 0 or not (np.isfinite(x) and np.isfinite(y) and np.isfinite(b) and np.isfinite(f)) or not f > 0.0
+                or not w > 0.0 or not np.isfinite(w)):
+            continue
+        # stars whose cutout misses the image entirely (also keeps the int casts safe)
+        if x < -half - 1.0 or y < -half - 1.0 or x > nx + half or y > ny + half:
+            continue
+        i0 = math.floor(x + 0.5)
+        j0 = math.floor(y + 0.5)
+        used = False
+        for j in range(max(j0 - half, 0), min(j0 + half + 1, ny)):
+            ky = math.floor((j - y) * o + 0.5) + c
+            if ky < 0 or ky >= size:
+                continue
+            for i in range(max(i0 - half, 0), min(i0 + half + 1, nx)):
+                v = image[j, i]
+                if not usable[j, i] or not np.isfinite(v):
+                    continue
+                kx = math.floor((i - x) * o + 0.5) + c
+                if kx < 0 or kx >= size:
+                    continue
+                sums[z, ky, kx] += w * (v - b) / f
+                counts[z, ky, kx] += w
+                used = True
+        if used:
+            n_used += 1
+    return n_used
+
+
+def _star_array(a: np.ndarray, n: int, name: str, dtype: type) -> np.ndarray:
+    out = np.ascontiguousarray(a, dtype=dtype)
+    if out.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {out.shape}")
+    return out
+
+
+def stack_stars(image: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray, norm: np.ndarray,
+                sky: np.ndarray, zone: np.ndarray, *, sums: np.ndarray, counts: np.ndarray,
+                weight: np.ndarray | None = None, half_size: int = 5, oversampling: int = 10) -> int:
+    """Add the native pixels around each star to the stacking accumulators, in place.
+
+    Parameters
+    ----------
+    image
+        (ny, nx) float32/64 surface brightness (any unit); NaN pixels are skipped.
+    usable
+        (ny, nx) bool; False pixels are skipped.
+    x, y
+        (n,) star positions [pixel, 0-based; pixel (j, i) covers x in [i - 0.5, i + 0.5)].
+    norm
+        (n,) star flux [image unit x pixel]: the sample added is ``(image - sky) / norm``.
+        Stars with non-positive or non-finite ``norm`` are skipped.
+    sky
+        (n,) local background level under each star [image unit].
+    zone
+        (n,) int accumulator plane of each star; negative skips the star.
+    sums, counts
+        (n_zones, S, S) float64 C-contiguous accumulators, ``S =``
+        :func:`stack_grid_size` ``(half_size=, oversampling=)``; updated in place.
+    weight
+        (n,) weight of each star's samples (default 1): ``sums`` gets ``weight (image -
+        sky) / norm`` and ``counts`` gets ``weight``. Weights proportional to ``norm^2``
+        make the stack a flux regression, so that a star whose ``norm`` is too small
+        cannot dominate it. Stars with non-positive or non-finite weight are skipped.
+    half_size
+        Cutout half-size [native pixel]: the ``(2 half_size + 1)^2`` pixels centred on the
+        pixel holding the star.
+    oversampling
+        Stack bins per native pixel.
+
+    Returns
+    -------
+    int
+        Number of stars that added at least one pixel.
+
+    Notes
+    -----
+    A pixel centred at offset ``d = (i - x, j - y)`` goes into bin
+    ``k = floor(d o + 0.5) + (S - 1) // 2`` per axis. Every accumulator update is an
+    addition, so stacks of disjoint star sets sum to the stack of their union (up to
+    floating-point reassociation in ``sums``; ``counts`` are exact).
+    """
+    size = stack_grid_size(half_size=half_size, oversampling=oversampling)
+    for name, acc in (("sums", sums), ("counts", counts)):
+        if (not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.ndim != 3
+                or acc.shape[1:] != (size, size) or not acc.flags.c_contiguous or not acc.flags.writeable):
+            raise ValueError(f"{name} must be a writeable C-contiguous float64 (n_zones, {size}, {size}) array")
+    if sums.shape != counts.shape:
+        raise ValueError(f"sums {sums.shape} and counts {counts.shape} differ in shape")
+    image = np.asarray(image)
+    if image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float64)
+    usable = np.asarray(usable, dtype=bool)
+    if image.ndim != 2 or usable.shape != image.shape:
+        raise ValueError(f"image {image.shape} and usable {usable.shape} must be the same 2-d shape")
+    if np.ndim(x) != 1:
+        raise ValueError(f"x must be 1-d, got shape {np.shape(x)}")
+    n = len(x)
+    weight = np.ones(n) if weight is None else weight
+    x, y, norm, sky, weight = (_star_array(a, n, nm, np.float64) for a, nm in (
+        (x, "x"), (y, "y"), (norm, "norm"), (sky, "sky"), (weight, "weight")))
+    zone = _star_array(zone, n, "zone", np.int64)
+    if n and zone.max() >= sums.shape[0]:
+        raise ValueError(f"zone index {int(zone.max())} but the accumulators have {sums.shape[0]} zones")
+    # zone by zone keeps each zone's planes in cache (1.6x faster for 121 zones); the
+    # stable order adds every bin's samples in input order, so the sums are unchanged
+    order = np.argsort(zone, kind="stable")
+    return int(_stack(np.ascontiguousarray(image), np.ascontiguousarray(usable), x, y, norm, sky, weight, zone, order,
+                      sums, counts, int(half_size), int(oversampling)))
+
+
+def effective_psf(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stack mean (the pixel-convolved, "effective" PSF) and its sample count per bin.
+
+    Parameters
+    ----------
+    sums, counts
+        Accumulators of :func:`stack_stars` (any matching shape).
+
+    Returns
+    -------
+    mean : np.ndarray
+        ``sums / counts`` [fraction of the star's flux per native pixel]; NaN where
+        ``counts == 0``.
+    counts : np.ndarray
+        A float64 copy of ``counts``.
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.array(counts, dtype=np.float64)
+    if sums.shape != counts.shape:
+        raise ValueError(f"sums {sums.shape} and counts {counts.shape} differ in shape")
+    mean = np.full(sums.shape, np.nan)
+    np.divide(sums, counts, out=mean, where=counts > 0)
+    return mean, counts
+
+
+# --- deconvolution ---------------------------------------------------------------------
+def _pixel_kernel(oversampling: int) -> np.ndarray:
+    """1-d native-pixel top-hat on the oversampled grid, with end corrections.
+
+    The stack mean in bin ``k`` is ``(1/delta) int P_c(x_k - t) box_1(t) dt`` with ``P_c``
+    the PSF integrated over a bin-wide window (the product's values are its samples) and
+    ``delta = 1/o`` [native pixel]. The trapezoid rule on the bin centres gives
+    ``[0.5, 1, ..., 1, 0.5]`` (even ``o``: the pixel edges fall on bin centres) or ``o``
+    ones (odd ``o``: the midpoint rule, edges on bin edges); the Euler-Maclaurin end
+    terms ``-+ delta^2 / 12 [P_c']`` with centred differences add ``-+1/24`` one bin
+    either side of each edge, which makes the second moment of the kernel exactly the
+    pixel's ``1/12``. Without them ``P`` comes out narrower by ``1 / (6 o^2)`` pixel^2 in
+    variance (0.2 % in FWHM at sigma = 0.65 pixel, ``o = 10``). Taps sum to ``o``.
+    """
+    o = int(oversampling)
+    e = 1.0 / 24.0
+    if o % 2:
+        kern = np.ones(o + 2)
+        kern[[0, -1]] = e
+        kern[[1, -2]] -= e
+    else:
+        kern = np.ones(o + 3)
+        kern[[0, -1]] = -e
+        kern[[1, -2]] = 0.5
+        kern[[2, -3]] += e
+    return kern
+
+
+def _convolution_matrix(kern: np.ndarray, n_out: int) -> np.ndarray:
+    """(n_out, n_out + taps - 1) matrix of the 'valid' correlation with ``kern``."""
+    taps = kern.size
+    out = np.zeros((n_out, n_out + taps - 1))
+    rows = np.arange(n_out)
+    for t in range(taps):
+        out[rows, rows + t] = kern[t]
+    return out
+
+
+def _second_difference(n: int) -> np.ndarray:
+    """(n - 2, n) second-difference matrix."""
+    out = np.zeros((n - 2, n))
+    rows = np.arange(n - 2)
+    out[rows, rows] = 1.0
+    out[rows, rows + 1] = -2.0
+    out[rows, rows + 2] = 1.0
+    return out
+
+
+class _Basis(NamedTuple):
+    """Per-axis generalised eigenbasis of the deconvolution (see :func:`_basis`)."""
+
+    vec: np.ndarray  # (N, N) V: P = V Z V^T
+    kv: np.ndarray  # (S, N) K V: the stack model is kv Z kv^T
+    mu: np.ndarray  # (N,) V^T G V, in [0, 1]
+    beta: np.ndarray  # (N,) V^T B V = o^2 (1 - mu)
+
+
+@functools.lru_cache(maxsize=8)
+def _basis(oversampling: int, s_size: int) -> _Basis:
+    """Generalised eigenvectors of ``(G, C)``, ``G = D^T D``, ``C = K^T K / o^2 + G``.
+
+    ``V^T C V = I`` and ``V^T G V = diag(mu)``, hence ``V^T K^T K V = o^2 (1 - mu)``:
+    in ``Z = V^-1 P V^-T`` both the uniform-weight data term and the penalty are
+    diagonal, per axis.
+    """
+    o = int(oversampling)
+    k_mat = _convolution_matrix(_pixel_kernel(o), s_size)
+    d_mat = _second_difference(k_mat.shape[1])
+    g_mat = d_mat.T @ d_mat
+    mu, vec = scipy.linalg.eigh(g_mat, k_mat.T @ k_mat / o**2 + g_mat)
+    mu = np.clip(mu, 0.0, 1.0)  # rounding only
+    out = _Basis(vec, k_mat @ vec, mu, o**2 * (1.0 - mu))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+def _sandwich(left: np.ndarray, cube: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``left @ cube[z] @ right`` for every plane, as two large matrix products."""
+    z, n, m = cube.shape
+    tmp = (cube.reshape(z * n, m) @ right).reshape(z, n, right.shape[1])
+    # left acts on axis 1: bring it to the front so one GEMM does all planes
+    out = left @ tmp.transpose(1, 0, 2).reshape(n, -1)
+    return out.reshape(left.shape[0], z, right.shape[1]).transpose(1, 0, 2)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("zij,zij->z", a, b)
+
+
+def _box_gaussian_fwhm(sigma: float) -> float:
+    """FWHM [pixel] of a Gaussian of width ``sigma`` [pixel] convolved with a unit pixel."""
+    scale = math.sqrt(2.0) * sigma
+
+    def profile(d: float) -> float:
+        return math.erf((d + 0.5) / scale) - math.erf((d - 0.5) / scale)
+
+    half = 0.5 * profile(0.0)
+    lo, hi = 0.0, 0.5 + 10.0 * sigma
+    for _ in range(60):  # bisection: the profile falls monotonically from 0
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if profile(mid) > half else (lo, mid)
+    return 2.0 * lo
+
+
+def _equivalent_sigma(sums: np.ndarray, counts: np.ndarray, oversampling: int) -> float:
+    """Width [pixel] of the Gaussian whose pixel-convolved FWHM is the stack's.
+
+    Profiles through the stack centre (where the stars are, by construction), each
+    averaged over the 5 bins across it, so that one wild sample elsewhere cannot take
+    over the peak. Clipped to 0.1-5 pixel; 1 when no FWHM can be measured.
+    """
+    c = (sums.shape[0] - 1) // 2
+    band = slice(c - 2, c + 3)
+    fwhm = []
+    for s_sum, c_sum in ((sums[band].sum(axis=0), counts[band].sum(axis=0)),
+                         (sums[:, band].sum(axis=1), counts[:, band].sum(axis=1))):
+        profile = np.full(s_sum.shape, np.nan)
+        np.divide(s_sum, c_sum, out=profile, where=c_sum > 0)
+        fwhm.append(_profile_fwhm(profile, peak=c) / oversampling)
+    width = math.sqrt(fwhm[0] * fwhm[1])
+    if not np.isfinite(width):
+        return 1.0
+    lo, hi = 0.1, 5.0
+    if width <= _box_gaussian_fwhm(lo):
+        return lo
+    if width >= _box_gaussian_fwhm(hi):
+        return hi
+    return float(scipy.optimize.brentq(lambda s: _box_gaussian_fwhm(s) - width, lo, hi, xtol=1e-4))
+
+
+def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int = 10, size: int = 101,
+                     iterations: int = 1000, smoothing: float = _SMOOTHING,
+                     compactness: float = _COMPACTNESS) -> np.ndarray:
+    """The optical PSF whose pixel-convolved version fits the stack.
+
+    Parameters
+    ----------
+    sums, counts
+        (n_zones, S, S) accumulators of :func:`stack_stars` (or one (S, S) plane).
+    oversampling
+        Stack bins per native pixel (the product has the same sampling).
+    size
+        Side of the product [oversampled bins], odd, at most the stack's ``S``.
+    iterations
+        Most conjugate-gradient iterations; a zone stops once its relative residual is
+        below 1e-8 (10-40 iterations without the compactness penalty, 200-400 with it).
+    smoothing
+        Strength of the smoothness penalty (> 0, dimensionless; independent of
+        ``oversampling``). With uniform counts it damps a pattern of ``f`` cycles per
+        native pixel along one axis by ``1 / (1 + smoothing (w f)^4 / (sqrt(n)
+        T(f)^2))``: ``n`` the mean count of a stack bin, ``w`` the PSF's width (the
+        sigma [pixel] of the Gaussian whose pixel-convolved FWHM is the stack's) and
+        ``T(f) = sin(pi f) / (pi f)`` the pixel's transfer function. So what the pixel
+        passes well is barely touched, what it cannot see (near 1, 2, ... cycles per
+        pixel; bins without samples) is filled smoothly, and the same value suits PSFs
+        of any width and stacks of any depth. Raise it for noisy stacks, at the price
+        of a broader core (see Notes).
+    compactness
+        Strength of a penalty on the PSF's extent, ``compactness sum (r / 1 pixel)^4
+        P^2`` (>= 0, in units of the data term with weights of mean 1). The pixel
+        cannot see patterns periodic with one native pixel; a compact PSF can only
+        contain them in the combination its Fourier neighbours imply, and this term
+        picks that one instead of the zero the smoothness penalty would choose, which
+        made narrow cores too wide.
+
+    Returns
+    -------
+    np.ndarray
+        (n_zones, size, size) float64 optical PSF, each value the PSF integrated over one
+        oversampled pixel [fraction of the star's flux], centre at index
+        ``(size - 1) / 2``; all-NaN for zones without samples.
+
+    Notes
+    -----
+    Per zone, with ``c`` the counts, ``m = sums / c``, ``n = mean(c)`` and ``K`` the
+    separable pixel kernel (:func:`_pixel_kernel`), it minimises
+
+        ``sum_k c_k (K P K^T - m)_k^2 + lambda [tr(P^T G P C) + tr(P C P^T G)]``
+
+    with ``G = D^T D`` (``D`` the second difference) and ``C = K^T K / o^2 + G``: the
+    squared second differences of ``P`` along one axis, after smoothing by the pixel
+    along the other (plus a small mixed fourth-difference term), and ``lambda =
+    smoothing sqrt(n) w^7 o^8 / (2 pi)^4``. Two choices there are empirical. The
+    penalty grows as the square root of the number of samples where the data term
+    grows linearly: more stars, less smoothing, at the rate that kept the core-width
+    error near its minimum from ~10 to ~400 samples per bin. And the ``w^4`` puts the
+    second derivatives in units of the PSF's own width: without it the best
+    ``smoothing`` differed ~100-fold between sigma = 0.45 and 1.3 pixel, with ``w^4``
+    ~3-fold, and ``w^7`` (the default power) keeps the best value the same from
+    sigma = 0.31 to 1.3 pixel. ``P`` lives on a grid one kernel width wider than the
+    stack, so that every stack bin sees its whole kernel support; the rim is cropped.
+
+    The penalty has this form so that the problem is diagonal in the generalised
+    eigenbasis ``V`` of ``(G, C)`` when the counts are uniform: conjugate gradients in
+    that basis with the diagonal as preconditioner converge in a few tens of
+    iterations whatever the spread of the counts, where plain CG would need thousands
+    (the pixel kernel has zeros at multiples of 1 cycle per pixel).
+
+    Errors: the stack's noise (photon noise and, even for noise-free stars, the spread
+    of the sub-pixel offsets within a bin) is amplified where the pixel transfer is
+    small; the penalty trades that for a slight broadening of the core. Frequencies at
+    the pixel's zeros (1, 2, ... cycles per pixel) cannot be recovered at all, which
+    matters for narrow PSFs; the compactness penalty fills them in. FWHM errors (x, y)
+    at the defaults, core + wing PSFs: sigma = 0.31 pixel (the simulated instrument's
+    shortest wavelengths), +0.4 / -1.1 % from 40 000 noise-free stars (the spread of
+    offsets within a bin is their only noise) and 0.0 / +1.2 % from 2000 stars with
+    peak S/N 100-1000; sigma = 0.47, 0.0 / +0.4 % and +0.6 / +1.5 %; sigma = 0.7 and
+    1.3, within 0.6 %. It takes 200-400 iterations to converge.
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    squeeze = sums.ndim == 2
+    if squeeze:
+        sums, counts = sums[None], counts[None]
+    if sums.ndim != 3 or sums.shape != counts.shape or sums.shape[1] != sums.shape[2]:
+        raise ValueError(f"need matching (n_zones, S, S) sums and counts, got {sums.shape}, {counts.shape}")
+    if not smoothing > 0 or not compactness >= 0:
+        raise ValueError(f"need smoothing > 0 and compactness >= 0, got {smoothing}, {compactness}")
+    if np.any(counts < 0):
+        raise ValueError("counts must be >= 0")
+    o = int(oversampling)
+    n_zones, s_size = sums.shape[0], sums.shape[1]
+    if size % 2 == 0 or size > s_size:
+        raise ValueError(f"size must be odd and at most the stack's {s_size}, got {size}")
+    basis = _basis(o, s_size)
+    kv, mu, beta = basis.kv, basis.mu, basis.beta
+
+    mean_count = counts.reshape(n_zones, -1).mean(axis=1)
+    has_data = mean_count > 0
+    # the data term is divided by n (weights of mean 1), so the penalty by sqrt(n)
+    n = np.where(has_data, mean_count, 1.0)[:, None, None]
+    weight = counts / n
+    width = np.array([_equivalent_sigma(sums[k], counts[k], o) if has_data[k] else 1.0 for k in range(n_zones)])
+    lam = float(smoothing) * o**8 / (2.0 * math.pi) ** 4 / np.sqrt(n) * width[:, None, None] ** _WIDTH_POWER
+    penalty = lam * (mu[:, None] + mu[None, :])
+    diag = beta[:, None] * beta[None, :] + penalty  # the normal operator for uniform counts
+
+    r = (np.arange(basis.vec.shape[0]) - (basis.vec.shape[0] - 1) / 2) / o  # [native pixel]
+    extent = float(compactness) * (r[:, None] ** 2 + r[None, :] ** 2) ** 2
+
+    def normal(z: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        model = _sandwich(kv, z, kv.T)
+        out = _sandwich(kv.T, model * weight[idx], kv) + penalty[idx] * z
+        if compactness:
+            out += _sandwich(basis.vec.T, extent * _sandwich(basis.vec, z, basis.vec.T), basis.vec)
+        return out
+
+    everyone = np.arange(n_zones)
+    rhs = _sandwich(kv.T, np.where(counts > 0, sums, 0.0) / n, kv)
+    z = rhs / diag  # the exact answer were the counts uniform
+    resid = rhs - normal(z, everyone)
+    pre = resid / diag
+    direction = pre.copy()
+    rz = _dot(resid, pre)
+    stop = _dot(rhs, rhs / diag) * _RTOL**2
+    active = has_data & (rz > stop)
+    for _ in range(int(iterations)):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        d = direction[idx]
+        a_d = normal(d, idx)
+        alpha = rz[idx] / _dot(d, a_d)
+        z[idx] += alpha[:, None, None] * d
+        r = resid[idx] - alpha[:, None, None] * a_d
+        p = r / diag[idx]
+        rz_new = _dot(r, p)
+        resid[idx], pre[idx] = r, p
+        direction[idx] = p + (rz_new / rz[idx])[:, None, None] * d
+        rz[idx] = rz_new
+        active[idx] = rz_new > stop[idx]
+
+    centre = (s_size - 1) // 2 + (kv.shape[1] - s_size) // 2
+    lo = centre - (size - 1) // 2
+    v_crop = basis.vec[lo:lo + size]
+    out = _sandwich(v_crop, z, v_crop.T)
+    out[~has_data] = np.nan
+    return out[0] if squeeze else out
+
+
+# --- measurement -----------------------------------------------------------------------
+def _profile_fwhm(profile: np.ndarray, *, peak: int | None = None) -> float:
+    """FWHM [bins] of a 1-d peaked profile: half-maximum crossings of a cubic spline.
+
+    The peak is the brightest bin, or the brightest within 5 bins of ``peak``.
+    """
+    if peak is None:
+        peak_i = int(np.nanargmax(profile))
+    else:
+        lo = max(peak - 5, 0)
+        window = profile[lo:peak + 6]
+        if not np.isfinite(window).any():
+            return math.nan
+        peak_i = lo + int(np.nanargmax(window))
+    finite = np.isfinite(profile)
+    # the contiguous finite run around the peak
+    lo = peak_i
+    while lo > 0 and finite[lo - 1]:
+        lo -= 1
+    hi = peak_i
+    while hi < profile.size - 1 and finite[hi + 1]:
+        hi += 1
+    if hi - lo < 3:
+        return math.nan
+    pos = np.arange(lo, hi + 1, dtype=np.float64)
+    spline = CubicSpline(pos, profile[lo:hi + 1])
+    cand = [float(peak_i)] + [r for r in spline.derivative().roots(extrapolate=False) if abs(r - peak_i) <= 1.0]
+    vals = spline(np.asarray(cand))
+    x_peak = cand[int(np.argmax(vals))]
+    half = 0.5 * float(np.max(vals))
+    if not half > 0:
+        return math.nan
+    cross = spline.solve(half, extrapolate=False)
+    left = cross[cross < x_peak]
+    right = cross[cross > x_peak]
+    if left.size == 0 or right.size == 0:
+        return math.nan
+    return float(right.min() - left.max())
+
+
+def psf_fwhm_2d(psf: np.ndarray, *, oversampling: int = 10) -> tuple[float, float]:
+    """FWHM of a PSF plane along x and y [native pixel].
+
+    Parameters
+    ----------
+    psf
+        (P, P) oversampled PSF plane (any normalisation).
+    oversampling
+        Bins per native pixel.
+
+    Returns
+    -------
+    (fwhm_x, fwhm_y) : tuple of float
+        Distance between the half-maximum crossings of the row and of the column through
+        the brightest bin, each interpolated by a cubic spline (the peak is the spline's
+        maximum within one bin of the brightest): errors scale as the 4th power of the
+        bin width, far below 1e-4 relative for the archive's 0.1-pixel bins. NaN where a
+        profile does not fall below half its peak on both sides. Of the tabulated
+        values, i.e. of the bin-integrated PSF (wider than the PSF by ~``1 / (24 o^2
+        sigma^2)``).
+    """
+    plane = np.asarray(psf, dtype=np.float64)
+    if plane.ndim != 2:
+        raise ValueError(f"psf must be a 2-d plane, got shape {plane.shape}")
+    if not np.isfinite(plane).any():
+        return math.nan, math.nan
+    j0, i0 = np.unravel_index(int(np.nanargmax(plane)), plane.shape)
+    return _profile_fwhm(plane[j0, :]) / oversampling, _profile_fwhm(plane[:, i0]) / oversampling
