@@ -14,25 +14,37 @@ weights (outliers clipped at ``clip`` sigma) into the gain function
 
     ``ABS_GAIN = g(CWAVE) / FLAT``    [MJy s / (electron sr)]
 
-Graph: one task per image returns its calibrators' ratios (a few kB); one task combines
-them. Memory is one image per task and the ratio table.
+Graph: one task per image returns its calibrators' ratios (a few kB); one task per band
+combines them. The work per image that does not depend on the image is shared: one task
+per band builds the photometry templates of the PSF, and one task per ``batch`` images
+reads the reference catalogue over all of them (the calibrators and the sources near
+them), from which each image's task takes its own rows. Memory is one image per task,
+the templates and the ratio table, whatever the number of images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import dask
+import numba
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pydantic
 import xarray as xr
+from scipy.spatial import cKDTree
 
 from .. import flags as _flags
+from ..catalog.query import DEFAULT_MARGIN, query_catalog
+from ..ephemeris import julian_year
 from ..errors import CalibrationError
 from ..io.repository import Repository
-from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, photometer_image
+from ..kernels.photometry import TemplateBank, template_bank
+from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, median, photometer_image
 from ..simulate.sky import sed_flux
 from ..wcs import cube_wcs
 from .inputs import SolverInputs
@@ -56,20 +68,17 @@ class AbsGainConfig(pydantic.BaseModel):
     min_measurements: int = pydantic.Field(20, ge=1, description="per spectral channel; fewer is an error")
     half_size: int = pydantic.Field(7, ge=2, description="photometry cutout half size [pixel]")
     require_astrometry: bool = True
+    batch: int = pydantic.Field(32, ge=1, description="images that share one read of the reference catalogue")
 
 
 def _image_cube(meta: xr.Dataset, image: np.ndarray, variance: np.ndarray, flags: np.ndarray) -> xr.Dataset:
-    cube = meta.copy()
     dims = ("band", "obs", "y", "x")
-    cube["IMAGE"] = (dims, image)
-    cube["VARIANCE"] = (dims, variance)
-    cube["FLAGS"] = (dims, flags)
-    return cube
+    return meta.assign(IMAGE=(dims, image), VARIANCE=(dims, variance), FLAGS=(dims, flags))
 
 
 def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: int, dark: np.ndarray, flat: np.ndarray,
                       a0: float, zodi: np.ndarray, calibrations: dict[str, xr.Dataset],
-                      config: AbsGainConfig) -> pa.Table:
+                      config: AbsGainConfig, bank: TemplateBank | None = None) -> pa.Table:
     """Measured over predicted flux of the calibrators on one image.
 
     Parameters
@@ -90,6 +99,8 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
         ``average_psf``, ``solid_angle_pixel_map``, ``spectral_wcs``.
     config
         :class:`AbsGainConfig`.
+    bank
+        Photometry templates of the band's PSF (built from ``average_psf`` when None).
 
     Returns
     -------
@@ -101,15 +112,14 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
     if not np.any(is_cal):
         return empty
     cell = cube.sel(band=band, obs=obs)
-    scale = np.where(flat > 0, a0 / flat, np.nan)
-    trial = (cell["IMAGE"].values - dark) * scale
-    cube = cube.copy()
-    cube["IMAGE"] = (("band", "obs", "y", "x"), trial[None, None].astype(np.float32))
-    cube["VARIANCE"] = (("band", "obs", "y", "x"), (cell["VARIANCE"].values * scale**2)[None, None].astype(np.float32))
-    flags = cell["FLAGS"].values
-    sky = (flags & np.uint32(PHOTOMETRY_MASK | _flags.Flag.SOURCE)) == 0
-    sky &= np.isfinite(trial) & np.isfinite(zodi) & (zodi > 0)
-    level = float(np.median(trial[sky] / zodi[sky])) if sky.sum() > 100 else 0.0
+    sky_mask = np.uint32(PHOTOMETRY_MASK | _flags.Flag.SOURCE)
+    trial, trial_var, sky_ratio = _trial_image(*(np.ascontiguousarray(cell[n].values) for n in ("IMAGE", "VARIANCE",
+                                                                                                   "FLAGS")),
+                                               np.ascontiguousarray(zodi), np.ascontiguousarray(dark, np.float64),
+                                               np.ascontiguousarray(flat, np.float64), float(a0), sky_mask)
+    dims = ("band", "obs", "y", "x")
+    cube = cube.assign(IMAGE=(dims, trial[None, None]), VARIANCE=(dims, trial_var[None, None]))
+    level = median(sky_ratio) if sky_ratio.size > 100 else 0.0
     # calibrators and the catalogue sources whose light reaches their cutouts
     ra = np.radians(catalog.column("ra").to_numpy())
     dec = np.radians(catalog.column("dec").to_numpy())
@@ -119,8 +129,8 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
     subset = catalog.filter(pa.array(near))
     table = photometer_image(cube, subset, band=band, obs=obs, psf=calibrations["average_psf"],
                              sapm=calibrations["solid_angle_pixel_map"], spectral_wcs=calibrations["spectral_wcs"],
-                             background=(level * zodi).astype(np.float32), local_background=True,
-                             half_size=config.half_size)
+                             background=(level * zodi).astype(np.float32, copy=False), local_background=True,
+                             half_size=config.half_size, bank=bank)
     if not table.num_rows:
         return empty
     ids = table.column("source_id").to_numpy()
@@ -144,6 +154,35 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
         "wavelength": lam, "bandwidth": bw, "flux": flux[good], "flux_error": err[good],
         "predicted": predicted, "ratio": ratio, "ratio_error": err[good] / predicted,
     })
+
+
+@numba.njit(nogil=True, cache=True)
+def _trial_image(image, variance, flags, zodi, dark, flat, a0, sky_mask):  # pragma: no cover - compiled
+    """The image and its variance scaled by the trial gain, ``(I - dark) a0 / flat`` (as
+    float32, what the photometry takes; NaN where the flat is not positive), and the
+    ratios ``trial / zodi`` (float64) of the sky pixels: unflagged by ``sky_mask`` with
+    finite values and positive zodiacal light.
+
+    One pass over the pixels instead of a dozen array expressions: on a full detector
+    those took longer than reading the image.
+    """
+    ny, nx = image.shape
+    trial = np.empty((ny, nx), np.float32)
+    trial_var = np.empty((ny, nx), np.float32)
+    ratio = np.empty(ny * nx)
+    n = 0
+    for j in range(ny):
+        for i in range(nx):
+            f = flat[j, i]
+            scale = a0 / f if f > 0 else np.nan
+            t = (np.float64(image[j, i]) - dark[j, i]) * scale
+            trial[j, i] = t
+            trial_var[j, i] = np.float64(variance[j, i]) * (scale * scale)
+            z = zodi[j, i]
+            if (flags[j, i] & sky_mask) == 0 and np.isfinite(t) and np.isfinite(z) and z > 0:
+                ratio[n] = t / z
+                n += 1
+    return trial, trial_var, ratio[:n]
 
 
 def gain_function(ratios: pa.Table, *, edges: np.ndarray, a0: float, clip: float,
@@ -200,15 +239,108 @@ def gain_function(ratios: pa.Table, *, edges: np.ndarray, a0: float, clip: float
     return out
 
 
-def _measure(image, variance, flags, zodi, meta, location, band, obs, dark, flat, a0, calibrations, config):
+def _catalog_epoch(refcat: Any) -> float | None:
+    """The reference epoch every row of the catalogue has, from the Parquet statistics
+    (file footers only); None when the rows differ or it cannot be told."""
+    if not isinstance(refcat, pads.FileSystemDataset):
+        return None
+    epochs: set[float] = set()
+    for fragment in refcat.get_fragments():
+        if not isinstance(fragment, pads.ParquetFileFragment):
+            return None
+        meta = fragment.metadata
+        if "ref_epoch" not in meta.schema.names:
+            return None
+        column = meta.schema.names.index("ref_epoch")
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            epochs.update((float(stats.min), float(stats.max)))
+        if len(epochs) > 1:
+            return None
+    return epochs.pop() if epochs else None
+
+
+def _footprint(cube: xr.Dataset, *, band: int, obs: int) -> np.ndarray:
+    """(4, 2) RA, Dec [deg] of the corners of one image (the outer pixel edges)."""
+    wcs = cube_wcs(cube, band=band, obs=obs)
+    x0, x1 = float(cube["x"].values[0]) - 0.5, float(cube["x"].values[-1]) + 0.5
+    y0, y1 = float(cube["y"].values[0]) - 0.5, float(cube["y"].values[-1]) + 0.5
+    return np.column_stack(wcs.all_pix2world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), 0))
+
+
+def _batch_catalog(location: str, meta: xr.Dataset, *, band: int, epoch: float, config: AbsGainConfig) -> pa.Table:
+    """The catalogue rows a batch of images can use, as stored: calibrators and the
+    sources near them over any of the images.
+
+    One read of the catalogue for the batch instead of one per image (a read per image
+    cost more than the photometry of its calibrators). ``epoch`` is the catalogue's own
+    reference epoch, so the rows come back unmoved; each image's
+    :func:`~sphx.level3.photometry.image_catalog` on this table then finds exactly the
+    rows (and positions) it finds on the whole catalogue, minus sources too far from any
+    calibrator to matter.
+    """
     from ..io.repository import open_repository
 
-    cube = _image_cube(meta, image, variance, flags)
     refcat = open_repository(location).open_table("refcat")
+    obs = [int(o) for o in meta["obs"].values]
+    footprints = [_footprint(meta, band=band, obs=o) for o in obs]
+    table, _ = query_catalog(refcat, footprints=footprints, epoch=epoch, margin=2 * DEFAULT_MARGIN)
+    partitioning = getattr(refcat, "partitioning", None)
+    if partitioning is not None:  # without it the per-image queries test every row: a few thousand
+        table = table.drop_columns([n for n in partitioning.schema.names if n in table.column_names])
+    is_cal = np.asarray(table.column("calibrator").to_numpy(zero_copy_only=False), bool)
+    if not is_cal.any():
+        return table.slice(0, 0)
+    # near a calibrator at the images' epochs: within the neighbour radius plus what two
+    # sources can move (proper motion, parallax seen from up to 1.1 AU) since the catalogue
+    scale = max(float(np.sqrt(abs(np.linalg.det(cube_wcs(meta, band=band, obs=o).pixel_scale_matrix))))
+                for o in obs)
+    years = float(np.max(np.abs(np.asarray(julian_year(meta["mjd_avg"].values)) - epoch)))
+    col = {c: np.nan_to_num(table.column(c).to_numpy(), nan=0.0) if c in table.column_names else np.zeros(1)
+           for c in ("pmra", "pmdec", "parallax")}
+    motion = float(np.max(np.hypot(col["pmra"], col["pmdec"]))) * years + 1.1 * float(np.max(col["parallax"]))
+    radius = math.radians(1.001 * config.neighbour_radius * scale + 2 * motion / 3.6e6 + 1e-6)
+    ra, dec = np.radians(table.column("ra").to_numpy()), np.radians(table.column("dec").to_numpy())
+    xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+    hits = cKDTree(xyz).query_ball_point(xyz[is_cal], 2 * math.sin(radius / 2), return_sorted=False)
+    near = np.zeros(table.num_rows, bool)
+    near[np.concatenate([np.asarray(h, np.int64) for h in hits])] = True
+    return table.filter(pa.array(near))
+
+
+@contextlib.contextmanager
+def _one_numba_thread() -> Iterator[None]:
+    """Numba's parallel kernels run on one thread inside a task (the setting is per
+    thread): the tasks are the parallelism. Nested thread teams oversubscribe the cores,
+    and a team that spins at its barrier waits for a thread the OS has descheduled
+    (a few ms per kernel call, dozens of calls per image)."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _measure(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, zodi: np.ndarray, meta: xr.Dataset,
+             location: str, band: int, obs: int, dark: np.ndarray, flat: np.ndarray, a0: float,
+             calibrations: dict[str, xr.Dataset], bank: TemplateBank, catalog: pa.Table | None,
+             config: AbsGainConfig) -> pa.Table:
+    """The task of one image: its (1, 1, y, x) pixel blocks, the per-image numbers of its
+    batch (``meta``), and the batch's catalogue rows (:func:`_batch_catalog`; None: read
+    the whole catalogue)."""
+    from ..io.repository import open_repository
+
+    cube = _image_cube(meta.sel(obs=[obs]), image, variance, flags)
+    # the batch's rows, or (a catalogue whose rows have different epochs) the whole catalogue
+    refcat = catalog if catalog is not None else open_repository(location).open_table("refcat")
     # every column: the calibrators' spectra are needed
     catalog = image_catalog(refcat, cube, band=band, obs=obs, columns=None)
-    return calibrator_ratios(cube, catalog, band=band, obs=obs, dark=dark, flat=flat, a0=a0, zodi=zodi[0, 0],
-                             calibrations=calibrations, config=config)
+    with _one_numba_thread():
+        return calibrator_ratios(cube, catalog, band=band, obs=obs, dark=dark, flat=flat, a0=a0, zodi=zodi[0, 0],
+                                 calibrations=calibrations, config=config, bank=bank)
 
 
 def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainConfig | None = None, *,
@@ -239,23 +371,37 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
     small = {n: calibrations[n].sel(band=bands).load() for n in ("average_psf", "solid_angle_pixel_map",
                                                                   "spectral_wcs")}
     finast = px["finast"].values if "finast" in px else np.zeros((len(bands), px.sizes["obs"]))
+    # per-image numbers (WCS, times, positions): small, read now so that tasks carry them;
+    # only what the photometry reads (every selection of an image copies them all)
     meta = px.drop_vars([n for n, v in px.variables.items() if "y" in v.dims and n not in px.indexes])
+    meta = meta.drop_vars([n for n in meta.coords if n not in meta.indexes and n not in ("obsid", "mjd_avg")]).load()
+    meta.attrs = {}
     blocks = {n: px[n].data.rechunk((1, 1, -1, -1)).to_delayed() for n in ("IMAGE", "VARIANCE", "FLAGS", "ZODI")}
+    epoch = _catalog_epoch(repo.open_table("refcat"))
+    oversampling = int(small["average_psf"].attrs.get("oversampling", 10))
     per_band = []
     for i, band in enumerate(bands):
         dark = calibrations["dark"]["DARK"].sel(band=band).values.astype(np.float64)
         flat = calibrations["flat_field"]["FLAT"].sel(band=band).values.astype(np.float64)
         a0 = float(np.nanmedian(calibrations["abs_gain_matrix"]["ABS_GAIN"].sel(band=band).values))
         d_dark, d_flat = dask.delayed(dark), dask.delayed(flat)
+        band_cal = {k: v.sel(band=[band]) for k, v in small.items()}
+        psf = np.asarray(band_cal["average_psf"]["PSF"].sel(band=band).values, dtype=np.float64)
+        bank = dask.delayed(template_bank)(psf, oversampling=oversampling, dask_key_name=f"abs-gain-templates-D{band}")
+        use = [j for j in range(px.sizes["obs"])
+               if inputs.present.values[i, j] and not (c.require_astrometry and finast[i, j] != 0)]
         tasks = []
-        for j, obs in enumerate(px["obs"].values):
-            if not inputs.present.values[i, j] or (c.require_astrometry and finast[i, j] != 0):
-                continue
-            m = meta.isel(band=[i], obs=[j])
-            tasks.append(dask.delayed(_measure)(
-                *(blocks[n][i, j, 0, 0] for n in ("IMAGE", "VARIANCE", "FLAGS", "ZODI")), m, repo.location, int(band),
-                int(obs), d_dark, d_flat, a0, {k: v.sel(band=[band]) for k, v in small.items()}, c,
-                dask_key_name=f"abs-gain-{obs}-D{band}"))
+        for first in range(0, len(use), c.batch):
+            group = use[first:first + c.batch]
+            m = meta.isel(band=[i], obs=group)
+            catalog = None if epoch is None else dask.delayed(_batch_catalog)(
+                repo.location, m, band=int(band), epoch=epoch, config=c,
+                dask_key_name=f"abs-gain-refcat-{int(m['obs'].values[0])}-D{band}")
+            for j, obs in zip(group, m["obs"].values, strict=True):
+                tasks.append(dask.delayed(_measure)(
+                    *(blocks[n][i, j, 0, 0] for n in ("IMAGE", "VARIANCE", "FLAGS", "ZODI")), m, repo.location,
+                    int(band), int(obs), d_dark, d_flat, a0, band_cal, bank, catalog, c,
+                    dask_key_name=f"abs-gain-{obs}-D{band}"))
         edges = repo.instrument.channel_edges(int(band))
         per_band.append(dask.delayed(_band_gain)(tasks, edges=edges, a0=a0, config=c, band=int(band),
                                                  cwave=small["spectral_wcs"]["CWAVE"].sel(band=band).values,

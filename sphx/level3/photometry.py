@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import healpy as hp
+import numba
 import numpy as np
 import pyarrow as pa
 import xarray as xr
@@ -28,6 +29,7 @@ from ..ephemeris import julian_year, observer_barycentric
 from ..errors import StepError
 from ..kernels.photometry import (
     PHOT_STATUS,
+    TemplateBank,
     forced_photometry,
     local_backgrounds,
     render_sources,
@@ -35,8 +37,8 @@ from ..kernels.photometry import (
 )
 from ..wcs import cube_wcs
 
-__all__ = ["L3_NSIDE", "PHOTOMETRY_MASK", "image_catalog", "noise_model", "photometer_image", "psf_zone_weights",
-           "split_by_tile"]
+__all__ = ["L3_NSIDE", "PHOTOMETRY_MASK", "image_catalog", "median", "noise_model", "photometer_image",
+           "psf_zone_weights", "split_by_tile"]
 
 L3_NSIDE = 64  # Level 3 sky tiles: HEALPix NSIDE 64 (nested), about 0.84 sq. deg.
 # Pixels left out of the fit (SOURCE only masks the background estimate).
@@ -107,19 +109,306 @@ def noise_model(image: np.ndarray, variance: np.ndarray, usable: np.ndarray) -> 
         Variance per unit signal [MJy/sr] (0 when the data show none).
     """
     signal = np.maximum(image, 0.0)
-    good = usable & np.isfinite(signal) & np.isfinite(variance) & (signal > 0)
-    c = 0.0
-    if np.count_nonzero(good) > 400 and np.ptp(signal[good]) > 0:
-        # a line through the medians of 40 equally populated signal bins: the few bright
-        # star pixels (whose variance also carries non-linearity terms) do not steer it
-        sig, var = signal[good].astype(np.float64), variance[good].astype(np.float64)
-        order = np.argsort(sig)
-        bins = np.array_split(order, 40)
-        c = float(np.polyfit([np.median(sig[b]) for b in bins], [np.median(var[b]) for b in bins], 1)[0])
-        c = c if math.isfinite(c) and c > 0 else 0.0
+    c = _noise_slope(signal, variance, np.logical_not(usable).view(np.uint8), 1)
     # read noise can be a tiny part of it (photon noise of the zodiacal light dominates):
     # where the fitted slope leaves a slightly negative remainder, it is zero
     return np.maximum(variance - c * signal, 0.0), c
+
+
+_NOISE_BINS = 40
+
+
+def _noise_slope(signal: np.ndarray, variance: np.ndarray, flags: np.ndarray, mask: int) -> float:
+    """The ``c`` of :func:`noise_model` from the pixels not flagged with ``mask`` whose
+    variance is finite and signal finite and positive.
+
+    A line through the medians of 40 equally populated signal bins: the few bright star
+    pixels (whose variance also carries non-linearity terms) do not steer it. The bins
+    are those of a stable sort by signal (pixel order among equal values) cut as
+    :func:`numpy.array_split` cuts, and the medians those of :func:`numpy.median`; they
+    are found by counting instead of sorting (:func:`_noise_medians`): a detector image
+    has 4 million pixels.
+    """
+    signal = np.ascontiguousarray(signal)
+    if signal.dtype not in (np.float32, np.float64):
+        signal = signal.astype(np.float64)
+    # bits of positive floats order as the values; +inf's bound the finite ones
+    bits, inf_bits = ((signal.view(np.int32), 0x7F80_0000) if signal.dtype == np.float32
+                      else (signal.view(np.int64), 0x7FF0_0000_0000_0000))
+    sig, var = _noise_medians(signal, bits, inf_bits, np.ascontiguousarray(variance), np.ascontiguousarray(flags),
+                              mask, _NOISE_BINS)
+    if sig.size == 0:  # too few samples, or all of one signal
+        return 0.0
+    c = float(np.polyfit(sig, var, 1)[0])
+    return c if math.isfinite(c) and c > 0 else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _noise_medians(signal, bits, inf_bits, variance, flags, mask, n_bins):  # pragma: no cover - compiled
+    """Median signal and median variance in ``n_bins`` bins of the samples (as for
+    :func:`_noise_slope`) sorted stably by signal and cut as :func:`numpy.array_split`
+    cuts; empty arrays for 400 samples or fewer, or one signal value only.
+
+    Three passes over the pixels: the key range (``bits``: positive floats order as
+    their bits), counts in buckets of consecutive keys (at most :data:`_MAX_BUCKETS`),
+    then each sample goes to its bin. The buckets holding a cut or a bin's middle rank
+    are sorted (by signal, then pixel: a stable sort); every other one lies inside a
+    single bin. The medians of the signal are its values at the middle ranks; those of
+    the variance are selected among the bin's samples, which fit in cache.
+    """
+    sig_all, key_all, var_all, flag_all = signal.ravel(), bits.ravel(), variance.ravel(), flags.ravel()
+    empty = np.zeros(0)
+    n, kmin, kmax = 0, np.int64(inf_bits), np.int64(0)
+    for i in range(key_all.size):
+        k = np.int64(key_all[i])
+        if 0 < k < inf_bits and (flag_all[i] & mask) == 0 and np.isfinite(var_all[i]):
+            n += 1
+            kmin, kmax = min(kmin, k), max(kmax, k)
+    if n <= 400 or kmin == kmax:
+        return empty, empty
+    shift = 0
+    while ((kmax - kmin) >> shift) >= min(_MAX_BUCKETS, n):
+        shift += 1
+    n_buckets = ((kmax - kmin) >> shift) + 1
+    first = np.zeros(n_buckets + 1, np.int64)  # rank of each bucket's first sample
+    for i in range(key_all.size):
+        k = np.int64(key_all[i])
+        if 0 < k < inf_bits and (flag_all[i] & mask) == 0 and np.isfinite(var_all[i]):
+            first[((k - kmin) >> shift) + 1] += 1
+    for b in range(n_buckets):
+        first[b + 1] += first[b]
+    # rank at which each bin starts (the first n % n_bins bins are one longer), and the
+    # two middle ranks of each bin
+    q, r = n // n_bins, n % n_bins
+    cut = np.empty(n_bins + 1, np.int64)
+    for b in range(n_bins + 1):
+        cut[b] = b * q + min(b, r)
+    mid = np.empty(2 * n_bins, np.int64)
+    for b in range(n_bins):
+        m = cut[b + 1] - cut[b]
+        mid[2 * b], mid[2 * b + 1] = cut[b] + (m - 1) // 2, cut[b] + m // 2
+    sort_bucket = np.zeros(n_buckets, np.bool_)
+    for rank in mid:
+        sort_bucket[_bucket_of(first, rank)] = True
+    bucket_bin = np.full(n_buckets, -1, np.int32)
+    b = 0
+    for k in range(n_buckets):
+        lo, hi = first[k], first[k + 1]
+        if hi == lo:
+            continue
+        while cut[b + 1] <= lo:
+            b += 1
+        if hi > cut[b + 1]:
+            sort_bucket[k] = True  # a cut falls inside
+        bucket_bin[k] = b
+    offset = np.zeros(n_buckets + 1, np.int64)  # the pixels of the buckets sorted, in a list
+    for k in range(n_buckets):
+        offset[k + 1] = offset[k] + (first[k + 1] - first[k] if sort_bucket[k] else 0)
+    members = np.empty(offset[n_buckets], np.int64)
+    fill = offset[:-1].copy()
+    grouped = np.empty(n, var_all.dtype)  # the variances, bin after bin
+    put = cut[:-1].copy()
+    for i in range(key_all.size):
+        k = np.int64(key_all[i])
+        if 0 < k < inf_bits and (flag_all[i] & mask) == 0 and np.isfinite(var_all[i]):
+            k = (k - kmin) >> shift
+            if sort_bucket[k]:
+                members[fill[k]] = i
+                fill[k] += 1
+            else:
+                grouped[put[bucket_bin[k]]] = var_all[i]
+                put[bucket_bin[k]] += 1
+    at = np.empty(2 * n_bins)
+    j = 0
+    for k in range(n_buckets):
+        if offset[k + 1] == offset[k]:
+            continue
+        idx = members[offset[k]:offset[k + 1]]  # in pixel order
+        values = sig_all[idx]
+        _sort_pairs(values, idx)  # by (signal, pixel): a stable sort
+        b = bucket_bin[k]
+        for p in range(idx.size):
+            rank = first[k] + p
+            while cut[b + 1] <= rank:
+                b += 1
+            grouped[put[b]] = var_all[idx[p]]
+            put[b] += 1
+            while j < mid.size and mid[j] == rank:
+                at[j] = values[p]
+                j += 1
+    sig_median, var_median = np.empty(n_bins), np.empty(n_bins)
+    for b in range(n_bins):
+        odd = (cut[b + 1] - cut[b]) % 2 == 1
+        sig_median[b] = at[2 * b] if odd else (at[2 * b] + at[2 * b + 1]) / 2
+        # (few buckets: the counts stay in the fastest cache)
+        two = _at_ranks(grouped[cut[b]:cut[b + 1]].astype(np.float64), mid[2 * b:2 * b + 2] - cut[b], 1 << 12)
+        var_median[b] = two[0] if odd else (two[0] + two[1]) / 2
+    return sig_median, var_median
+
+
+def median(values: np.ndarray) -> float:
+    """:func:`numpy.median` of finite values, in linear time (:func:`_at_ranks`).
+
+    numpy partitions (introselect); on the 4 million pixels of a detector this counts
+    them into buckets instead and sorts the one or two buckets holding the middle,
+    several times faster, with the same result.
+    """
+    values = np.ascontiguousarray(values, np.float64)
+    n = values.size
+    if n == 0:
+        return math.nan
+    lo, hi = _at_ranks(values, np.array([(n - 1) // 2, n // 2], np.int64), _MAX_BUCKETS)
+    return float(lo) if n % 2 else float((lo + hi) / 2)
+
+
+_SIGN = np.int64(0x7FFF_FFFF_FFFF_FFFF)
+_MAX_BUCKETS = 1 << 18  # counts of 2 MB: they stay in cache
+
+
+@numba.njit(inline="always")
+def _key(bits):  # pragma: no cover - compiled
+    """An int64 that orders as the float64 with these bits (the magnitude bits of
+    negative numbers flipped)."""
+    return bits ^ ((bits >> 63) & _SIGN)
+
+
+@numba.njit(nogil=True, cache=True)
+def _sort_pairs(values, index):  # pragma: no cover - compiled
+    """Sort ``values`` in place by (value, index), carrying ``index`` along: a heap sort.
+
+    Written out rather than numpy's sorts, whose compiled helpers can clash with those
+    of other cached kernels (numba gives them process-dependent symbol names).
+    """
+    n = values.size
+    for root in range(n // 2 - 1, -1, -1):  # a max-heap
+        _sift(values, index, root, n)
+    for end in range(n - 1, 0, -1):  # the largest to the end, the heap one shorter
+        values[0], values[end] = values[end], values[0]
+        index[0], index[end] = index[end], index[0]
+        _sift(values, index, 0, end)
+
+
+@numba.njit(inline="always")
+def _sift(values, index, root, n):  # pragma: no cover - compiled
+    """Move the root down the heap values[:n] (ordered by value, then index)."""
+    while True:
+        child = 2 * root + 1
+        if child >= n:
+            return
+        if child + 1 < n and (values[child + 1] > values[child]
+                              or (values[child + 1] == values[child] and index[child + 1] > index[child])):
+            child += 1
+        if values[child] > values[root] or (values[child] == values[root] and index[child] > index[root]):
+            values[root], values[child] = values[child], values[root]
+            index[root], index[child] = index[child], index[root]
+            root = child
+        else:
+            return
+
+
+@numba.njit(inline="always")
+def _bucket_of(first, rank):  # pragma: no cover - compiled
+    """The bucket holding ``rank``: the last k with first[k] <= rank (binary search)."""
+    lo, hi = 0, first.size - 1
+    while hi - lo > 1:
+        m = (lo + hi) // 2
+        if first[m] <= rank:
+            lo = m
+        else:
+            hi = m
+    return lo
+
+
+@numba.njit(nogil=True, cache=True)
+def _buckets(values, max_buckets):  # pragma: no cover - compiled
+    """Counts of the values in at most ``max_buckets`` buckets of consecutive keys
+    (:func:`_key`): (kmin, shift, first), the bucket of a value ``(key - kmin) >> shift``,
+    ``first[k]`` the rank of bucket k's first value among the sorted values."""
+    bits = values.view(np.int64)
+    kmin, kmax = _key(bits[0]), _key(bits[0])
+    for i in range(bits.size):
+        k = _key(bits[i])
+        kmin, kmax = min(kmin, k), max(kmax, k)
+    span = np.uint64(kmax - kmin)  # the difference wraps; as unsigned it is exact
+    shift = np.uint64(0)
+    while (span >> shift) >= max_buckets:
+        shift += np.uint64(1)
+    n_buckets = np.int64(span >> shift) + 1
+    first = np.zeros(n_buckets + 1, np.int64)
+    for i in range(bits.size):
+        first[np.int64(np.uint64(_key(bits[i]) - kmin) >> shift) + 1] += 1
+    for k in range(n_buckets):
+        first[k + 1] += first[k]
+    return kmin, shift, first
+
+
+@numba.njit(nogil=True, cache=True)
+def _at_ranks(values, ranks, max_buckets):  # pragma: no cover - compiled
+    """The values at ``ranks`` (ascending) of the sorted values: only the buckets
+    (:func:`_buckets`, at most ``max_buckets``) holding those ranks are gathered and
+    sorted."""
+    kmin, shift, first = _buckets(values, min(max_buckets, values.size))
+    bits = values.view(np.int64)
+    slot = np.full(first.size - 1, -1, np.int64)
+    bucket = np.empty(ranks.size, np.int64)
+    for r in range(ranks.size):
+        bucket[r] = _bucket_of(first, ranks[r])
+    n_slots = 0
+    start = np.zeros(ranks.size + 1, np.int64)
+    for b in bucket:
+        if slot[b] < 0:
+            slot[b] = n_slots
+            start[n_slots + 1] = start[n_slots] + first[b + 1] - first[b]
+            n_slots += 1
+    gathered = np.empty(start[n_slots])
+    where = np.empty(start[n_slots], np.int64)
+    fill = start[:n_slots].copy()
+    for i in range(values.size):
+        s = slot[np.int64(np.uint64(_key(bits[i]) - kmin) >> shift)]
+        if s >= 0:
+            gathered[fill[s]], where[fill[s]] = values[i], i
+            fill[s] += 1
+    for s in range(n_slots):
+        _sort_pairs(gathered[start[s]:start[s + 1]], where[start[s]:start[s + 1]])
+    out = np.empty(ranks.size)
+    for r in range(ranks.size):
+        out[r] = gathered[start[slot[bucket[r]]] + ranks[r] - first[bucket[r]]]
+    return out
+
+
+_REGION_BLOCK = 8  # [pixel] granularity of the pixels a photometry call evaluates
+
+
+def _fit_region(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], reach: int) -> np.ndarray | None:
+    """Flat indices of the pixels within ``reach`` of any position (in blocks of
+    :data:`_REGION_BLOCK`), or None when they are most of the image.
+
+    The fits, local backgrounds and source weights read pixels only within a cutout
+    half size of a source, so the per-pixel arithmetic before them (weights, residuals,
+    masks) is needed only there: for a few calibrator stars on a 2040 x 2040 image a
+    few per cent of the pixels.
+    """
+    ny, nx = shape
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return np.zeros(0, np.int64)
+    cx = np.floor(x[ok] + 0.5).astype(np.int64)
+    cy = np.floor(y[ok] + 0.5).astype(np.int64)
+    blk = _REGION_BLOCK
+    nby, nbx = -(-ny // blk), -(-nx // blk)
+    bx0, bx1 = np.clip((cx - reach) // blk, 0, nbx - 1), np.clip((cx + reach) // blk, 0, nbx - 1)
+    by0, by1 = np.clip((cy - reach) // blk, 0, nby - 1), np.clip((cy + reach) // blk, 0, nby - 1)
+    blocks = np.zeros((nby, nbx), bool)
+    for dy in range(int((by1 - by0).max()) + 1):
+        for dx in range(int((bx1 - bx0).max()) + 1):
+            blocks[np.minimum(by0 + dy, by1), np.minimum(bx0 + dx, bx1)] = True
+    if blocks.mean() > 0.5:
+        return None
+    by, bx = np.nonzero(blocks)
+    rows = (by[:, None] * blk + np.arange(blk)[None, :])[:, :, None]
+    cols = (bx[:, None] * blk + np.arange(blk)[None, :])[:, None, :]
+    inside = (rows < ny) & (cols < nx)
+    return np.broadcast_to(rows * nx + cols, inside.shape)[inside]
 
 
 _POSITION_COLUMNS = ("source_id", "ra", "dec", "ref_epoch", "pmra", "pmdec")
@@ -168,6 +457,7 @@ def photometer_image(
     local_background: bool = False,
     refine_background: Callable[[np.ndarray], np.ndarray] | None = None,
     half_size: int = 7,
+    bank: TemplateBank | None = None,
 ) -> pa.Table:
     """Forced photometry of the catalogue sources on one image of a Level 2 cube.
 
@@ -204,6 +494,10 @@ def photometer_image(
         images of simulated surveys that lowered isolated fluxes by 0.024 of their errors.
     half_size
         Cutout half size [pixel] (7: 15 x 15).
+    bank
+        :func:`~sphx.kernels.photometry.template_bank` of ``psf``'s plane of ``band``
+        (built here when None): callers photometering many images of one detector
+        build it once.
 
     Returns
     -------
@@ -225,9 +519,6 @@ def photometer_image(
     x0, y0 = int(cube["x"].values[0]), int(cube["y"].values[0])
     ny, nx = image.shape
     background = np.asarray(background, dtype=np.float32)
-    usable = (flags & np.uint32(mask)) == 0
-    v0, per_signal = noise_model(image, variance, usable)
-
     mjd = float(cube["mjd_avg"].sel(obs=obs).values)
     obsid = str(cube["obsid"].sel(obs=obs).values)
     wcs = cube_wcs(cube, band=band, obs=obs)
@@ -244,27 +535,53 @@ def photometer_image(
     # a row per source centred on the image; its neighbours just off it still join fits
     on = (x > x0 - 0.5) & (x < x0 + nx - 0.5) & (y > y0 - 0.5) & (y < y0 + ny - 0.5)
     zone, zone_weight = psf_zone_weights(x, y, psf["zone_x"].values, psf["zone_y"].values)
-    bank = template_bank(np.asarray(psf["PSF"].sel(band=band).values, dtype=np.float64),
-                         oversampling=int(psf.attrs.get("oversampling", 10)))
-
-    def weights(model: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = np.where(usable, 1.0 / (v0 + per_signal * np.maximum(model, 0.0)), 0.0)
-        w[~np.isfinite(w)] = 0.0
-        return w.astype(np.float32)
-
+    if bank is None:
+        bank = template_bank(np.asarray(psf["PSF"].sel(band=band).values, dtype=np.float64),
+                             oversampling=int(psf.attrs.get("oversampling", 10)))
     xs, ys = x - x0, y - y0
     ix = np.clip(np.floor(xs + 0.5).astype(np.int64), 0, nx - 1)  # the pixel of each source
     iy = np.clip(np.floor(ys + 0.5).astype(np.int64), 0, ny - 1)
-    excluded = ~usable | ((flags & np.uint32(_flags.Flag.SOURCE)) != 0)
+
+    # Every pixel the fits, the local backgrounds and the source weights read lies within
+    # a cutout half size of a source. Where the sources are sparse (calibrator stars) the
+    # per-pixel arithmetic is done on those pixels only (0 elsewhere, never read); the
+    # noise model is fitted on the whole image either way. A refined background is
+    # estimated on the whole image, so it needs whole images.
+    region = _fit_region(xs, ys, image.shape, half_size + 1) if refine_background is None else None
+
+    def per_pixel(fn: Callable[..., np.ndarray], *arrays: np.ndarray) -> np.ndarray:
+        if region is None:
+            return fn(*arrays)
+        values = fn(*(np.ascontiguousarray(a).ravel()[region] for a in arrays))
+        out = np.zeros(image.shape, values.dtype)
+        out.ravel()[region] = values
+        return out
+
+    per_signal = _noise_slope(image, variance, flags, np.uint32(mask)) if x.size else 0.0
+    usable = per_pixel(lambda f: (f & np.uint32(mask)) == 0, flags)
+    # read noise can be a tiny part of it (photon noise of the zodiacal light dominates):
+    # where the fitted slope leaves a slightly negative remainder, it is zero
+    v0 = per_pixel(lambda i, v: np.maximum(v - per_signal * np.maximum(i, 0.0), 0.0), image, variance)
+
+    def weights(*model: np.ndarray) -> np.ndarray:
+        def inverse(ok: np.ndarray, v: np.ndarray, *parts: np.ndarray) -> np.ndarray:
+            m = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w = np.where(ok, 1.0 / (v + per_signal * np.maximum(m, 0.0)), 0.0)
+            w[~np.isfinite(w)] = 0.0
+            return w.astype(np.float32)
+        return per_pixel(inverse, usable, v0, *model)
+
+    excluded = per_pixel(lambda ok, f: ~ok | ((f & np.uint32(_flags.Flag.SOURCE)) != 0), usable, flags)
 
     def pedestals(residual: np.ndarray) -> dict[str, np.ndarray | None]:
         if not (local_background and x.size):
             return {"pedestal": None, "pedestal_variance": None}
         level, var = local_backgrounds(residual, excluded, xs, ys, half_size=half_size)
         crowded = ~np.isfinite(level)
-        level[crowded], var[crowded] = local_backgrounds(residual, ~usable, xs[crowded], ys[crowded],
-                                                         half_size=half_size)
+        if crowded.any():
+            level[crowded], var[crowded] = local_backgrounds(residual, ~usable, xs[crowded], ys[crowded],
+                                                             half_size=half_size)
         return {"pedestal": level, "pedestal_variance": var}
 
     def fit(data: np.ndarray, w: np.ndarray, local: dict[str, np.ndarray | None],
@@ -274,8 +591,11 @@ def photometer_image(
 
     # first with the background's photon noise; then with the fitted sources' as well
     # (and, with refine_background, on the background of the image without them)
-    local = pedestals(image - background)
-    res = fit(image - background, weights(background), local)
+    # (float64 when local backgrounds are taken: they take it so, and the fits read the
+    # same values either way)
+    residual = per_pixel(lambda i, b: (i - b).astype(np.float64) if local_background else i - b, image, background)
+    local = pedestals(residual)
+    res = fit(residual, weights(background), local)
     if x.size and (per_signal > 0 or refine_background is not None):
         sources = render_sources(image.shape, xs, ys, zone, np.fmax(res["flux"], 0.0), bank,
                                  zone_weight=zone_weight)
@@ -284,12 +604,13 @@ def photometer_image(
             background = np.asarray(refine_background(image - sources), dtype=np.float32)
             if background.shape != image.shape:
                 raise StepError(f"refine_background gave shape {background.shape}, image has {image.shape}")
-            local = pedestals(image - background - sources)
+            residual = image - background
+            local = pedestals(residual - sources)
         else:  # only sources that add appreciably (5 %) to the variance in their pixel
             first = v0[iy, ix] + per_signal * np.maximum(background[iy, ix], 0.0)
             targets = np.flatnonzero(per_signal * sources[iy, ix] / np.where(first > 0, first, np.inf) > 0.05)
         if targets is None or targets.size:
-            again = fit(image - background, weights(background + sources), local, targets)
+            again = fit(residual, weights(background, sources), local, targets)
             if targets is None:
                 res = again
             else:
