@@ -5,10 +5,12 @@ the image's fine WCS, and the native pixels around each (less the median of a sq
 ring around it, divided by the star's catalogue flux at the pixel's wavelength) are
 stacked at their sub-pixel offsets onto a 10x oversampled grid, one per PSF zone (the
 nearest zone centre; :func:`sphx.kernels.psf_stack.stack_stars`). The stack is the
-pixel-convolved (effective) PSF; the pixel response is then deconvolved iteratively
-(:func:`sphx.kernels.psf_stack.deconvolve_pixel`) onto the stack's grid, normalised to unit flux over it and cut to the product's 101 x 101
-stamp, so that each plane holds the fraction of the flux per oversampled pixel, as the
-archive's ``average_psf`` does.
+pixel-convolved (effective) PSF. Per band, the bins beyond the isolation radius are
+dropped and the background left at the edge of what remains is taken off
+(:func:`_within_reach`); the pixel response is then deconvolved iteratively
+(:func:`sphx.kernels.psf_stack.deconvolve_pixel`) onto the stack's grid, normalised to
+unit flux over it and cut to the product's 101 x 101 stamp, so that each plane holds the
+fraction of the flux per oversampled pixel, as the archive's ``average_psf`` does.
 
 A star's catalogue flux only scales its samples: an error in it (or in the absolute
 gain) adds scatter to the stack, not a change of shape, and the final normalisation
@@ -222,7 +224,8 @@ def _stack_task(image, variance, flags, meta, location, band, obs, zone_x, zone_
 
 def _within_reach(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
                   radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the stack bins farther than ``radius`` [pixel] from the star.
+    """Drop the stack bins farther than ``radius`` [pixel] from the star, and subtract
+    the mean level of the outermost pixel of what is left.
 
     The square cutouts reach 1.4 times their half-size in the corners, beyond the
     isolation radius, where the light of brighter neighbours adds up (it put 20-35 %
@@ -233,10 +236,10 @@ def _within_reach(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
     r = (np.arange(size) - (size - 1) / 2) / oversampling
     r = np.hypot(r[:, None], r[None, :])
     keep = r <= radius
-    # what is left of the background: the ring median under each star sees the light of
-    # neighbours outside the isolation radius, so it sits a little above the sky near the
-    # star (-3e-4 of the flux per pixel, -1.5 % over the cutout, in the simulated stacks);
-    # the outermost pixel of the reach, where the PSF is negligible, gives the offset
+    # the ring median under each star sees neighbours beyond the isolation radius and
+    # sits above the sky near the star: the stack is 3e-4 of the flux per pixel low
+    # (-1.5 % over the cutout in the simulated stacks); the outermost pixel of the
+    # reach, where the PSF is negligible, measures that offset
     edge = keep & (r > radius - 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         level = sums[:, edge].sum(axis=1) / counts[:, edge].sum(axis=1)
