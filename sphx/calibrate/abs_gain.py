@@ -47,7 +47,7 @@ from ..kernels.photometry import TemplateBank, template_bank
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, median, photometer_image
 from ..simulate.sky import sed_flux
 from ..wcs import cube_wcs
-from .inputs import SolverInputs
+from .inputs import IMAGE_WCS, SolverInputs
 from .run import Solver, register_solver
 
 __all__ = ["AbsGainConfig", "calibrator_ratios", "estimate_abs_gain", "gain_function"]
@@ -367,16 +367,15 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
     """
     c = config or AbsGainConfig()
     bands = inputs.bands
-    px = inputs.pixels
     small = {n: calibrations[n].sel(band=bands).load() for n in ("average_psf", "solid_angle_pixel_map",
                                                                   "spectral_wcs")}
-    finast = px["finast"].values if "finast" in px else np.zeros((len(bands), px.sizes["obs"]))
+    usable = inputs.usable(require_astrometry=c.require_astrometry)
     # per-image numbers (WCS, times, positions): small, read now so that tasks carry them;
     # only what the photometry reads (every selection of an image copies them all)
-    meta = px.drop_vars([n for n, v in px.variables.items() if "y" in v.dims and n not in px.indexes])
+    meta = inputs.image_metadata()
     meta = meta.drop_vars([n for n in meta.coords if n not in meta.indexes and n not in ("obsid", "mjd_avg")]).load()
     meta.attrs = {}
-    blocks = {n: px[n].data.rechunk((1, 1, -1, -1)).to_delayed() for n in ("IMAGE", "VARIANCE", "FLAGS", "ZODI")}
+    blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS", "ZODI"))
     epoch = _catalog_epoch(repo.open_table("refcat"))
     oversampling = int(small["average_psf"].attrs.get("oversampling", 10))
     per_band = []
@@ -388,8 +387,7 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
         band_cal = {k: v.sel(band=[band]) for k, v in small.items()}
         psf = np.asarray(band_cal["average_psf"]["PSF"].sel(band=band).values, dtype=np.float64)
         bank = dask.delayed(template_bank)(psf, oversampling=oversampling, dask_key_name=f"abs-gain-templates-D{band}")
-        use = [j for j in range(px.sizes["obs"])
-               if inputs.present.values[i, j] and not (c.require_astrometry and finast[i, j] != 0)]
+        use = np.flatnonzero(usable[i]).tolist()
         tasks = []
         for first in range(0, len(use), c.batch):
             group = use[first:first + c.batch]
@@ -453,5 +451,4 @@ register_solver(Solver(
     reads={"IMAGE": "l2a", "VARIANCE": "l2a", "FLAGS": "l2", "ZODI": "l2"},
     calibrations=("dark", "flat_field", "abs_gain_matrix", "average_psf", "solid_angle_pixel_map"),
     tables=("refcat",), writes=("abs_gain_matrix",), solve=estimate_abs_gain,
-    extra=("wcs_crpix", "wcs_crval", "wcs_cd", "wcs_sip_a", "wcs_sip_b", "wcs_sip_ap", "wcs_sip_bp", "finast",
-           "sc_position")))
+    extra=IMAGE_WCS))

@@ -18,6 +18,11 @@ __all__ = ["SolverInputs", "band_maps", "open_inputs"]
 T = TypeVar("T")
 
 
+# per-image variables that place an image on the sky (the fine WCS) and in time
+IMAGE_WCS = ("wcs_crpix", "wcs_crval", "wcs_cd", "wcs_sip_a", "wcs_sip_b", "wcs_sip_ap", "wcs_sip_bp", "finast",
+             "sc_position")
+
+
 @dataclass
 class SolverInputs:
     """Lazy pixel variables of the images a solver uses, one cube (band, obs, y, x).
@@ -57,6 +62,23 @@ class SolverInputs:
             raise CalibrationError(f"{what} needs at least {minimum} images per band, but {listed} "
                                    f"(levels {sorted(set(self.levels.values()))}); select more exposures "
                                    "or lower min_images")
+
+    def usable(self, *, require_astrometry: bool) -> np.ndarray:
+        """(band, obs) bool: the image exists and, if asked, its fine astrometry succeeded
+        (``finast == 0``; images without the variable count as solved)."""
+        ok = self.present.values.copy()
+        if require_astrometry and "finast" in self.pixels:
+            ok &= self.pixels["finast"].values == 0
+        return ok
+
+    def image_metadata(self) -> xr.Dataset:
+        """The per-image variables (WCS, times, positions) without the pixel variables."""
+        px = self.pixels
+        return px.drop_vars([n for n, v in px.variables.items() if "y" in v.dims and n not in px.indexes])
+
+    def image_blocks(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """One delayed (1, 1, y, x) block per image of each variable, indexed [band, obs, 0, 0]."""
+        return {n: self.pixels[n].data.rechunk((1, 1, -1, -1)).to_delayed() for n in names}
 
     def provenance(self) -> dict[str, Any]:
         obsid = self.pixels["obsid"].values

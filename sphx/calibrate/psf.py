@@ -39,7 +39,7 @@ from ..io.repository import Repository
 from ..kernels.psf_stack import deconvolve_pixel, stack_grid_size, stack_stars
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
 from ..wcs import cube_wcs
-from .inputs import SolverInputs
+from .inputs import IMAGE_WCS, SolverInputs
 from .run import Solver, register_solver
 
 __all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image"]
@@ -297,9 +297,9 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
     zone_x, zone_y = prior["zone_x"].values, prior["zone_y"].values
     n_zones = zone_x.size
     px = inputs.pixels
-    finast = px["finast"].values if "finast" in px else np.zeros((len(inputs.bands), px.sizes["obs"]))
-    meta = px.drop_vars([n for n, v in px.variables.items() if "y" in v.dims and n not in px.indexes])
-    blocks = {n: px[n].data.rechunk((1, 1, -1, -1)).to_delayed() for n in ("IMAGE", "VARIANCE", "FLAGS")}
+    usable = inputs.usable(require_astrometry=c.require_astrometry)
+    meta = inputs.image_metadata()
+    blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS"))
     s = stack_grid_size(half_size=c.half_size, oversampling=over)
     planes, counts = [], []
     for i, band in enumerate(inputs.bands):
@@ -308,7 +308,7 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
         cwave = calibrations["spectral_wcs"]["CWAVE"].sel(band=band).data.astype(np.float64)
         parts = []
         for j, obs in enumerate(px["obs"].values):
-            if not inputs.present.values[i, j] or (c.require_astrometry and finast[i, j] != 0):
+            if not usable[i, j]:
                 continue
             parts.append(dask.delayed(_stack_task, nout=2)(
                 *(blocks[n][i, j, 0, 0] for n in ("IMAGE", "VARIANCE", "FLAGS")), meta.isel(band=[i], obs=[j]),
@@ -336,5 +336,4 @@ register_solver(Solver(
     "psf", "Measure Exposure-Averaged PSF", PsfConfig,
     reads={"IMAGE": "l2", "VARIANCE": "l2", "FLAGS": "l2"}, calibrations=("average_psf", "solid_angle_pixel_map"),
     tables=("refcat",), writes=("average_psf",), solve=estimate_psf,
-    extra=("wcs_crpix", "wcs_crval", "wcs_cd", "wcs_sip_a", "wcs_sip_b", "wcs_sip_ap", "wcs_sip_bp", "finast",
-           "sc_position")))
+    extra=IMAGE_WCS))
