@@ -17,17 +17,17 @@ built once and kept under ``--work``:
   the four variables that the absolute gain reads, and both sides are dominated by work
   per pixel. Simulating and reducing a full-size image to Level 2 takes ~6 s on 2 cores,
   so a few dozen images are practical (the 1024-pixel variant suggested in the issue is
-  not one the simulator offers). The solvers' per-band set-up (PSF templates, one
-  catalogue read per ``batch`` images) is part of the time, so more images per band show
-  a little more throughput. The solvers' configs are relaxed only in their minimum image
+  not one the simulator offers). The solvers' per-band set-up (channel maps, PSF
+  templates, one catalogue read per ``batch`` images, the final solve or deconvolution)
+  is part of the time, so more images per band show more throughput. The solvers' configs are relaxed only in their minimum image
   and measurement counts (``SOLVER_CONFIG``): the survey is sized for timing, not accuracy.
 - *memory*: the test geometry (248 x 248), 500 exposures of bands 1 and 4 (1000 images),
   300 calibrators per square degree: the accuracy survey of ``docs/calibration.md``.
 
 **Throughput.** For each solver, in one run and on the same repository: (a) plain reading:
 the variables the solver reads (``Solver.reads``: variable and level), opened as the
-solver opens them (:func:`sphx.calibrate.inputs.open_inputs`) with the stored chunks
-(one image per block), and reduced to one sum per image so that nothing is kept; (b) the
+solver opens them (:func:`sphx.calibrate.inputs.open_inputs`: one image per block, or
+the solver's batch of images, ``Solver.batch_field``), and reduced to one sum per image so that nothing is kept; (b) the
 solver: its graph built and computed (``Solver.solve`` and ``dask.compute``, as
 :func:`~sphx.calibrate.run.run_solver` does, without storing the small products). Both on
 dask's threaded scheduler with ``--workers`` threads, interleaved, best of ``--repeat``.
@@ -35,12 +35,15 @@ Missing products that another solver makes (the flat field the absolute gain sta
 from) are made first, untimed.
 
 **Memory.** Each solver runs in a fresh process on the first 100 and on all 1000 images
-of the memory survey, after a warm-up on 8 images (numba compilation is not counted).
-Peak resident memory during the compute above the resident memory before it: the
-kernel's high-water mark is reset (``/proc/self/clear_refs``) just before.
+of the memory survey, after a warm-up on 8 images (numba compilation is not counted),
+and so does plain reading of the same images. Peak resident memory during the compute
+above the resident memory before it: the kernel's high-water mark is reset
+(``/proc/self/clear_refs``) just before. Dask's bookkeeping of the graph grows with the
+number of image tasks for reading as for the solvers; the solver's own memory is its
+growth above plain reading.
 
     python benchmarks/bench_calibration.py [--work /tmp/sphx-bench-calibration] [--exposures 16] [--calibrator-density 10]
-        [--workers 2] [--repeat 2] [--skip-memory] [--skip-throughput]
+        [--workers 2] [--repeat 2] [--only SOLVER ...] [--skip-memory] [--skip-throughput]
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ THROUGHPUT_SURVEY = {"seed": 11, "instrument": "SPHEREx", "bands": [1, 4]}
 MEMORY_SURVEY = {"seed": 21, "instrument": "SPHEREx-small", "bands": [1, 4], "survey": {"n_exposures": 500},
                  "sky": {"calibrator_density": 300.0}}
 # minimum counts lowered for a survey sized for timing; nothing else differs from the defaults
-SOLVER_CONFIG: dict[str, dict[str, Any]] = {"dark_flat": {"min_images": 3}, "abs_gain": {"min_measurements": 5}}
+SOLVER_CONFIG: dict[str, dict[str, Any]] = {"dark_flat": {"min_images": 3}, "abs_gain": {"min_measurements": 5},
+                                          "psf": {"min_stars": 1}}
 MEMORY_IMAGES = (100, 1000)
 WARM_UP_OBS = 4
 
@@ -126,29 +130,30 @@ def make_prerequisites(path: Path, registered: dict[str, Any]) -> None:
                 run_solver(repo, writer, SOLVER_CONFIG.get(writer), log=lambda s: None)
 
 
-def open_for(repo, spec, *, select: dict[str, Any] | None = None, extra: bool = True):
-    """The solver's calibrations and inputs, opened as run_solver opens them."""
+def open_for(repo, spec, config: dict[str, Any] | None, *, select: dict[str, Any] | None = None, extra: bool = True):
+    """The solver's calibrations and inputs, opened as run_solver opens them (in the
+    solver's batches of images, if it reads in batches)."""
     from sphx.calibrate.inputs import open_inputs
     from sphx.calibrate.run import resolve_calibrations
 
     used = resolve_calibrations(repo, ("spectral_wcs", *spec.calibrations), {})
     calib = {name: repo.open_calibration(name, version) for name, version in used.items()}
     inputs = open_inputs(repo, spec.reads, spectral_wcs=calib["spectral_wcs"], select=select,
-                         extra=spec.extra if extra else ())
+                         extra=spec.extra if extra else (), batch=spec.read_batch(spec.make_config(config)))
     return calib, inputs
 
 
 def run_once(repo, spec, config: dict[str, Any] | None, select: dict[str, Any] | None = None) -> int:
     """Build and compute the solver's products; returns the number of images."""
-    calib, inputs = open_for(repo, spec, select=select)
+    calib, inputs = open_for(repo, spec, config, select=select)
     products = spec.solve(repo, inputs, spec.make_config(config), calibrations=calib)
     dask.compute(*products.values())
     return sum(inputs.n_images().values())
 
 
-def read_once(repo, spec, select: dict[str, Any] | None = None) -> int:
+def read_once(repo, spec, config: dict[str, Any] | None, select: dict[str, Any] | None = None) -> int:
     """Plain reading of what the solver reads: one sum per image and variable."""
-    _, inputs = open_for(repo, spec, select=select, extra=False)
+    _, inputs = open_for(repo, spec, config, select=select, extra=False)
     sums = [da.sum(inputs.pixels[name].data, axis=(2, 3), dtype=np.float64) for name in spec.reads]
     dask.compute(*sums)
     return sum(inputs.n_images().values())
@@ -167,7 +172,7 @@ def throughput(path: Path, registered: dict[str, Any], args: argparse.Namespace)
                 if name in skipped:
                     continue
                 t0 = time.perf_counter()
-                n_read = read_once(repo, spec)
+                n_read = read_once(repo, spec, SOLVER_CONFIG.get(name))
                 t_read = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 try:
@@ -177,8 +182,8 @@ def throughput(path: Path, registered: dict[str, Any], args: argparse.Namespace)
                     print(f"  {name}: skipped, the survey cannot satisfy its inputs: {e}", flush=True)
                     continue
                 t_solve = time.perf_counter() - t0
-                print(f"  pass {repeat + 1}: {name}: read {n_read} images in {t_read:.1f} s, "
-                      f"solved {n_solved} in {t_solve:.1f} s", flush=True)
+                print(f"  pass {repeat + 1}: {name}: read {n_read} images in {t_read:.2f} s, "
+                      f"solved {n_solved} in {t_solve:.2f} s", flush=True)
                 best = rows.get(name, (n_read, np.inf, np.inf))
                 rows[name] = (n_read, min(best[1], t_read), min(best[2], t_solve))
     return [(name, *rows[name]) if name in rows else (name, skipped[name]) for name in registered]
@@ -217,7 +222,7 @@ def memory_child(args: argparse.Namespace) -> None:
             reset = False
         base = _status("VmRSS")
         t0 = time.perf_counter()
-        n = run_once(repo, spec, config, select=select)
+        n = read_once(repo, spec, config, select=select) if args.read_only else run_once(repo, spec, config, select=select)
         seconds = time.perf_counter() - t0
         peak = _status("VmHWM")
     print(json.dumps({"images": n, "base": base, "peak": peak, "growth": peak - base, "reset": reset,
@@ -231,24 +236,28 @@ def _relaxed(spec) -> dict[str, Any]:
 
 
 def memory(path: Path, registered: dict[str, Any], args: argparse.Namespace) -> list[tuple]:
+    """Peak memory growth of each solver and of plain reading of its inputs, at each of
+    MEMORY_IMAGES images, each in a fresh process."""
     rows = []
     for name in registered:
-        result = []
+        result: list[dict[str, Any]] | str = []
         for n in MEMORY_IMAGES:
-            cmd = [sys.executable, __file__, "--memory-child", "--repo", str(path), "--solver", name,
-                   "--images", str(n), "--workers", str(args.workers)]
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["?"])[-1]
-                result = last
+            for read_only in (False, True):
+                cmd = [sys.executable, __file__, "--memory-child", "--repo", str(path), "--solver", name,
+                       "--images", str(n), "--workers", str(args.workers), *(["--read-only"] if read_only else [])]
+                done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                if done.returncode != 0:
+                    result = (done.stderr.strip().splitlines() or ["?"])[-1]
+                    break
+                result.append({**json.loads(done.stdout.strip().splitlines()[-1]), "read_only": read_only})
+            if isinstance(result, str):
                 break
-            result.append(json.loads(done.stdout.strip().splitlines()[-1]))
         rows.append((name, result))
         if isinstance(result, str):
             print(f"  {name}: skipped: {result}", flush=True)
         else:
-            print(f"  {name}: " + ", ".join(f"{r['images']} images: +{r['growth'] / 2**20:.0f} MiB over "
-                                             f"{r['base'] / 2**20:.0f} MiB in {r['seconds']:.1f} s"
+            print(f"  {name}: " + ", ".join(f"{'reading' if r['read_only'] else 'solver'} {r['images']} images: "
+                                             f"+{r['growth'] / 2**20:.0f} MiB in {r['seconds']:.1f} s"
                                              for r in result), flush=True)
     return rows
 
@@ -263,18 +272,25 @@ def main() -> None:
                    help="calibrator stars per square degree in the throughput survey")
     p.add_argument("--workers", type=int, default=2, help="threads of dask's scheduler")
     p.add_argument("--repeat", type=int, default=2, help="timed passes (the best is kept)")
+    p.add_argument("--only", nargs="+", metavar="SOLVER", help="measure these solvers only (default: all registered)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--repo", help=argparse.SUPPRESS)
     p.add_argument("--solver", help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--read-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         memory_child(args)
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    registered = solvers()
+    registered = everything = solvers()
+    if args.only:
+        unknown = sorted(set(args.only) - set(registered))
+        if unknown:
+            p.error(f"unknown solver(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+        registered = {name: spec for name, spec in registered.items() if name in args.only}
     print(f"solvers registered: {', '.join(registered)}; dask threaded scheduler, {args.workers} threads, "
           f"{os.cpu_count()} CPUs", flush=True)
     report = []
@@ -282,7 +298,7 @@ def main() -> None:
         config = {**THROUGHPUT_SURVEY, "survey": {"n_exposures": args.exposures},
                   "sky": {"calibrator_density": args.calibrator_density}}
         path = survey(args.work, f"full-{args.exposures}x2-cal{args.calibrator_density:g}", config)
-        make_prerequisites(path, registered)
+        make_prerequisites(path, everything)
         print(f"throughput on {path} (2040 x 2040 images), best of {args.repeat}:", flush=True)
         rows = throughput(path, registered, args)
         report.append("")
@@ -300,20 +316,21 @@ def main() -> None:
                           f"{'OK' if ratio >= 0.5 else 'BELOW'}")
     if not args.skip_memory:
         path = survey(args.work, "small-500x2-cal300", MEMORY_SURVEY)
-        make_prerequisites(path, registered)
+        make_prerequisites(path, everything)
         print(f"peak memory on {path} (248 x 248 images), {MEMORY_IMAGES[0]} vs {MEMORY_IMAGES[1]} images:",
               flush=True)
         rows = memory(path, registered, args)
         report.append("")
-        report.append(f"peak memory above the process before the compute, 248 x 248 images, {args.workers} threads")
-        report.append(f"  {'solver':10s} {f'{MEMORY_IMAGES[0]} images':>12s} {f'{MEMORY_IMAGES[1]} images':>13s} "
-                      f"{'ratio':>6s}")
+        report.append(f"peak memory above the process before the compute, 248 x 248 images, {args.workers} threads; "
+                      "the solver's own: above plain reading of the same images")
+        report.append(f"  {'solver':10s} {'images':>6s} {'solver':>8s} {'reading':>8s} {'own':>8s}")
         for name, result in rows:
             if isinstance(result, str):
                 report.append(f"  {name:10s} skipped: {result[:150]}")
                 continue
-            a, b = (r["growth"] / 2**20 for r in result)
-            report.append(f"  {name:10s} {a:8.0f} MiB {b:9.0f} MiB {b / a if a > 0 else float('nan'):6.2f}")
+            for solver, reading in zip(result[::2], result[1::2], strict=True):
+                a, b = solver["growth"] / 2**20, reading["growth"] / 2**20
+                report.append(f"  {name:10s} {solver['images']:6d} {a:4.0f} MiB {b:4.0f} MiB {a - b:4.0f} MiB")
     print("\n".join(report))
 
 

@@ -87,6 +87,28 @@ def test_regression_sums_add_up_over_batches_and_match_a_weighted_polyfit():
     assert np.max(np.abs(sol["flat"] - plain["flat"])) < 1e-3
 
 
+def test_flags_and_masks_select_the_same_samples_as_boolean_masks():
+    rng = np.random.default_rng(4)
+    k, n = 6, 40
+    cwave = np.broadcast_to(np.linspace(1.0, 1.2, n)[:, None], (n, n))
+    key, u, seg_u = channel_keys(cwave, n_channels=5, n_segments=2)
+    images = rng.normal(3.0, 0.1, (k, n, n)).astype(np.float32)
+    images[rng.random(images.shape) < 0.02] = np.nan
+    variances = np.full((k, n, n), 0.01, np.float32)
+    variances[rng.random(variances.shape) < 0.02] = np.nan
+    flags = rng.choice(np.array([0, 0, 0, 1, 4, 5], np.uint32), size=(k, n, n))  # bit 0: not fitted, bit 2: no reference
+    gain0 = np.ones((n, n))
+    gain0[3, 4], gain0[5, 6] = np.nan, 0.0  # no reference value there (the samples still count)
+    options = {"key": key, "u": u, "segment_u": seg_u, "dark0": np.zeros((n, n)), "gain0": gain0, "n_segments": 2,
+               "clip": 1e6, "min_pixels": 1}
+    by_flags = accumulate_images(images, variances, flags=flags, fit_mask=1, ref_mask=5, **options)
+    by_masks = accumulate_images(images, variances, (flags & 1) == 0, (flags & 5) == 0, **options)
+    np.testing.assert_array_equal(by_flags, by_masks)
+    # without clipping, every fitted sample with a value and a variance counts
+    expected = (((flags & 1) == 0) & np.isfinite(images) & np.isfinite(variances)).sum(axis=0)
+    np.testing.assert_array_equal(by_flags[0], expected)
+
+
 def test_median_variance_matches_monte_carlo():
     # unequal errors: the variance follows sum(1/sigma), not the mean variance (which is
     # 5 % off for errors within +-25 % and 30 % off for a factor 4)

@@ -26,12 +26,17 @@ def _compiled_median(a):
     return median(a)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 101, 16383, 16384, 16385, 100_000, 100_001])
-@pytest.mark.parametrize("kind", ["normal", "ties", "negative", "constant"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 101, 256, 257, 2040, 2041, 16383, 16384, 16385, 100_000, 100_001])
+@pytest.mark.parametrize("kind", ["normal", "ties", "negative", "constant", "outliers", "wide"])
 def test_median_is_exact(n, kind):
+    # sizes around each method's threshold (selection, histogram selection, radix); the
+    # histogram's range comes from a sample, so outliers and wide ranges test its edges
     rng = np.random.default_rng(n)
+    outliers = rng.normal(1.8, 0.1, n)
+    outliers[::17], outliers[5::29] = 1e30, -np.inf
     a = {"normal": rng.normal(100.0, 1.0, n), "ties": rng.integers(-3, 3, n).astype(float),
-         "negative": -rng.exponential(1.0, n), "constant": np.full(n, 2.5)}[kind]
+         "negative": -rng.exponential(1.0, n), "constant": np.full(n, 2.5), "outliers": outliers,
+         "wide": np.exp(rng.normal(0.0, 30.0, n))}[kind]
     for dtype in (np.float32, np.float64):
         x = a.astype(dtype)
         before = x.copy()

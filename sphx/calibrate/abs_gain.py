@@ -33,13 +33,11 @@ import dask
 import numba
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pydantic
 import xarray as xr
 from scipy.spatial import cKDTree
 
 from .. import flags as _flags
-from ..catalog.query import DEFAULT_MARGIN, query_catalog
 from ..ephemeris import julian_year
 from ..errors import CalibrationError
 from ..io.repository import Repository
@@ -47,7 +45,7 @@ from ..kernels.photometry import TemplateBank, template_bank
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, median, photometer_image
 from ..simulate.sky import sed_flux
 from ..wcs import cube_wcs
-from .inputs import IMAGE_WCS, SolverInputs
+from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch
 from .run import Solver, register_solver
 
 __all__ = ["AbsGainConfig", "calibrator_ratios", "estimate_abs_gain", "gain_function"]
@@ -239,57 +237,14 @@ def gain_function(ratios: pa.Table, *, edges: np.ndarray, a0: float, clip: float
     return out
 
 
-def _catalog_epoch(refcat: Any) -> float | None:
-    """The reference epoch every row of the catalogue has, from the Parquet statistics
-    (file footers only); None when the rows differ or it cannot be told."""
-    if not isinstance(refcat, pads.FileSystemDataset):
-        return None
-    epochs: set[float] = set()
-    for fragment in refcat.get_fragments():
-        if not isinstance(fragment, pads.ParquetFileFragment):
-            return None
-        meta = fragment.metadata
-        if "ref_epoch" not in meta.schema.names:
-            return None
-        column = meta.schema.names.index("ref_epoch")
-        for i in range(meta.num_row_groups):
-            stats = meta.row_group(i).column(column).statistics
-            if stats is None or not stats.has_min_max:
-                return None
-            epochs.update((float(stats.min), float(stats.max)))
-        if len(epochs) > 1:
-            return None
-    return epochs.pop() if epochs else None
-
-
-def _footprint(cube: xr.Dataset, *, band: int, obs: int) -> np.ndarray:
-    """(4, 2) RA, Dec [deg] of the corners of one image (the outer pixel edges)."""
-    wcs = cube_wcs(cube, band=band, obs=obs)
-    x0, x1 = float(cube["x"].values[0]) - 0.5, float(cube["x"].values[-1]) + 0.5
-    y0, y1 = float(cube["y"].values[0]) - 0.5, float(cube["y"].values[-1]) + 0.5
-    return np.column_stack(wcs.all_pix2world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), 0))
-
-
 def _batch_catalog(location: str, meta: xr.Dataset, *, band: int, epoch: float, config: AbsGainConfig) -> pa.Table:
-    """The catalogue rows a batch of images can use, as stored: calibrators and the
-    sources near them over any of the images.
-
-    One read of the catalogue for the batch instead of one per image (a read per image
-    cost more than the photometry of its calibrators). ``epoch`` is the catalogue's own
-    reference epoch, so the rows come back unmoved; each image's
-    :func:`~sphx.level3.photometry.image_catalog` on this table then finds exactly the
-    rows (and positions) it finds on the whole catalogue, minus sources too far from any
-    calibrator to matter.
-    """
-    from ..io.repository import open_repository
-
-    refcat = open_repository(location).open_table("refcat")
+    """The calibrators of :func:`~sphx.calibrate.inputs.batch_catalog` and the sources
+    near them: each image's :func:`~sphx.level3.photometry.image_catalog` on this table
+    finds exactly the rows (and positions) it finds on the whole catalogue, minus sources
+    too far from any calibrator to matter (a read per image cost more than the
+    photometry of its calibrators)."""
+    table = batch_catalog(location, meta, band=band, epoch=epoch)
     obs = [int(o) for o in meta["obs"].values]
-    footprints = [_footprint(meta, band=band, obs=o) for o in obs]
-    table, _ = query_catalog(refcat, footprints=footprints, epoch=epoch, margin=2 * DEFAULT_MARGIN)
-    partitioning = getattr(refcat, "partitioning", None)
-    if partitioning is not None:  # without it the per-image queries test every row: a few thousand
-        table = table.drop_columns([n for n in partitioning.schema.names if n in table.column_names])
     is_cal = np.asarray(table.column("calibrator").to_numpy(zero_copy_only=False), bool)
     if not is_cal.any():
         return table.slice(0, 0)
@@ -376,7 +331,7 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
     meta = meta.drop_vars([n for n in meta.coords if n not in meta.indexes and n not in ("obsid", "mjd_avg")]).load()
     meta.attrs = {}
     blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS", "ZODI"))
-    epoch = _catalog_epoch(repo.open_table("refcat"))
+    epoch = catalog_epoch(repo.open_table("refcat"))
     oversampling = int(small["average_psf"].attrs.get("oversampling", 10))
     per_band = []
     for i, band in enumerate(bands):

@@ -28,10 +28,10 @@ import xarray as xr
 
 from .. import flags as _flags
 from ..io.repository import Repository
-from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, key_order, solve_sums
+from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, key_starts, solve_sums
 from ..levels import ELECTRON_RATE
 from .inputs import SolverInputs, band_maps
-from .run import Solver, register_solver
+from .run import Solver, register_solver, tree_sum
 
 __all__ = ["DarkFlatConfig", "dark_flat_sums", "estimate_dark_flat", "flat_from_gain"]
 
@@ -72,25 +72,23 @@ def flat_from_gain(agm: np.ndarray, key: np.ndarray, n_segments: int) -> np.ndar
     return out
 
 
-def _partial(images, variances, flags, dark0, gain0, key, u, segment_u, idx, starts, *, fit_mask, ref_mask, **kw):
+def _partial(images, variances, flags, dark0, gain0, key, u, segment_u, starts, **kw):
     # blockwise gives (1, k, ny, nx) pixel blocks and (1, ...) band maps
-    f = flags[0]
-    sums = accumulate_images(images[0], variances[0], (f & fit_mask) == 0, (f & ref_mask) == 0,
-                             key=key[0], u=u[0], segment_u=segment_u[0], dark0=dark0[0], gain0=gain0[0],
-                             order=(idx[0], starts[0]), **kw)
+    sums = accumulate_images(images[0], variances[0], flags=flags[0], key=key[0], u=u[0], segment_u=segment_u[0],
+                             dark0=dark0[0], gain0=gain0[0], starts=starts[0], **kw)
     return sums[None, None]
 
 
 def _channel_maps(inputs: SolverInputs, config: DarkFlatConfig) -> dict[str, np.ndarray]:
-    """(band, ...) channel keys, positions along the channel, segment positions and the
-    pixel order by key: static geometry from CWAVE, computed once per run."""
+    """(band, ...) channel keys, positions along the channel, segment positions and where
+    each key starts among the pixels sorted by key: static geometry from CWAVE, computed
+    once per run."""
     per_band = band_maps(inputs, lambda b, cwave: channel_keys(cwave, n_channels=config.n_channels,
                                                                n_segments=config.n_segments))
     n_keys = config.n_channels * config.n_segments
-    orders = [key_order(k.ravel(), n_keys) for k, _, _ in per_band]
     return {"key": np.stack([k for k, _, _ in per_band]), "u": np.stack([u for _, u, _ in per_band]),
-            "segment_u": np.stack([s for _, _, s in per_band]), "idx": np.stack([o[0] for o in orders]),
-            "starts": np.stack([o[1] for o in orders])}
+            "segment_u": np.stack([s for _, _, s in per_band]),
+            "starts": np.stack([key_starts(k.ravel(), n_keys) for k, _, _ in per_band])}
 
 
 def _band_chunked(a: Any) -> da.Array:
@@ -107,17 +105,18 @@ def dark_flat_sums(inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, 
     ``maps`` the channel geometry (computed when not given).
     """
     c = config
+    # (a no-op when the inputs were opened in batches: run_solver does)
     pix = [inputs.pixels[n].data.rechunk({1: c.batch}) for n in ("IMAGE", "VARIANCE", "FLAGS")]
     m = maps or _channel_maps(inputs, c)
-    key, u, seg_u, idx, starts = (da.from_array(m[n], chunks=(1, *m[n].shape[1:]))
-                                  for n in ("key", "u", "segment_u", "idx", "starts"))
+    key, u, seg_u, starts = (da.from_array(m[n], chunks=(1, *m[n].shape[1:]))
+                             for n in ("key", "u", "segment_u", "starts"))
     partial = da.blockwise(
         _partial, "bosyx", pix[0], "boyx", pix[1], "boyx", pix[2], "boyx", _band_chunked(dark0), "byx",
-        _band_chunked(gain0), "byx", key, "byx", u, "byx", seg_u, "bk", idx, "bp", starts, "bq",
+        _band_chunked(gain0), "byx", key, "byx", u, "byx", seg_u, "bk", starts, "bq",
         new_axes={"s": N_SUMS}, adjust_chunks={"o": 1}, dtype=np.float64, concatenate=True,
         fit_mask=np.uint32(_flags.mask(*c.fit_mask)), ref_mask=np.uint32(_flags.mask(*c.reference_mask)),
         n_segments=c.n_segments, degree=c.degree, clip=c.clip)
-    return partial.sum(axis=1, split_every=c.split_every)
+    return tree_sum(partial, axis=1, split_every=c.split_every)
 
 
 def _solve_block(sums: np.ndarray, *prior: np.ndarray, reference_errors: bool = True) -> np.ndarray:
@@ -200,4 +199,4 @@ def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatC
 register_solver(Solver(
     "dark_flat", "Estimate Dark Current and Flat Field", DarkFlatConfig,
     reads={"IMAGE": "l2a", "VARIANCE": "l2a", "FLAGS": "l2"}, calibrations=("dark", "flat_field|abs_gain_matrix"),
-    tables=(), writes=("dark", "flat_field"), solve=estimate_dark_flat))
+    tables=(), writes=("dark", "flat_field"), solve=estimate_dark_flat, batch_field="batch"))

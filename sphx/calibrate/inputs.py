@@ -7,13 +7,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import xarray as xr
 
+from ..catalog.query import DEFAULT_MARGIN, query_catalog
 from ..errors import CalibrationError
 from ..instrument import Instrument
 from ..io.repository import Repository
+from ..wcs import cube_wcs
 
-__all__ = ["SolverInputs", "band_maps", "open_inputs"]
+__all__ = ["SolverInputs", "band_maps", "batch_catalog", "catalog_epoch", "open_inputs"]
 
 T = TypeVar("T")
 
@@ -87,7 +91,8 @@ class SolverInputs:
 
 
 def open_inputs(repo: Repository, variables: Mapping[str, str], *, spectral_wcs: xr.Dataset,
-                select: Mapping[str, Any] | None = None, extra: Sequence[str] = ()) -> SolverInputs:
+                select: Mapping[str, Any] | None = None, extra: Sequence[str] = (),
+                batch: int | None = None) -> SolverInputs:
     """Open ``variables`` (name -> level) on the observations every level holds.
 
     Parameters
@@ -102,6 +107,10 @@ def open_inputs(repo: Repository, variables: Mapping[str, str], *, spectral_wcs:
         ``bands``, ``obs``, ``start``, ``end`` as for :meth:`Repository.open_level`.
     extra
         Per-image variables (``wcs_*``, ``finast``...) taken from the last level named.
+    batch
+        Observations per dask chunk of the pixel variables (default one): a solver that
+        works on batches of images reads each batch in one task per variable, with no
+        rechunking copy and a graph ``batch`` times smaller.
 
     Raises
     ------
@@ -118,7 +127,9 @@ def open_inputs(repo: Repository, variables: Mapping[str, str], *, spectral_wcs:
         if not repo.has_level(level):
             raise CalibrationError(f"the solver reads level {level!r}, which {repo.location} does not hold "
                                    f"(levels: {', '.join(repo.levels()) or 'none'})")
-        cube = repo.open_level(level, **sel) if obs is None else repo.open_level(level, bands=sel.get("bands"), obs=obs)
+        chunks = {"obs": batch} if batch else None
+        cube = repo.open_level(level, **sel, chunks=chunks) if obs is None else \
+            repo.open_level(level, bands=sel.get("bands"), obs=obs, chunks=chunks)
         obs = [int(o) for o in cube["obs"].values]
         cubes[level] = cube
         presence.append(repo.image_presence(level))
@@ -148,3 +159,54 @@ def band_maps(inputs: SolverInputs, fn: Callable[[int, np.ndarray], T]) -> list[
     """``fn(band, cwave)`` for every band, with the band's CWAVE map [um]."""
     return [fn(b, np.asarray(inputs.spectral_wcs["CWAVE"].sel(band=b).values, dtype=np.float64))
             for b in inputs.bands]
+
+
+def catalog_epoch(refcat: Any) -> float | None:
+    """The reference epoch every row of the catalogue has, from the Parquet statistics
+    (file footers only); None when the rows differ or it cannot be told."""
+    if not isinstance(refcat, pads.FileSystemDataset):
+        return None
+    epochs: set[float] = set()
+    for fragment in refcat.get_fragments():
+        if not isinstance(fragment, pads.ParquetFileFragment):
+            return None
+        meta = fragment.metadata
+        if "ref_epoch" not in meta.schema.names:
+            return None
+        column = meta.schema.names.index("ref_epoch")
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            epochs.update((float(stats.min), float(stats.max)))
+        if len(epochs) > 1:
+            return None
+    return epochs.pop() if epochs else None
+
+
+def _footprint(cube: xr.Dataset, *, band: int, obs: int) -> np.ndarray:
+    """(4, 2) RA, Dec [deg] of the corners of one image (the outer pixel edges)."""
+    wcs = cube_wcs(cube, band=band, obs=obs)
+    x0, x1 = float(cube["x"].values[0]) - 0.5, float(cube["x"].values[-1]) + 0.5
+    y0, y1 = float(cube["y"].values[0]) - 0.5, float(cube["y"].values[-1]) + 0.5
+    return np.column_stack(wcs.all_pix2world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), 0))
+
+
+def batch_catalog(location: str, meta: xr.Dataset, *, band: int, epoch: float) -> pa.Table:
+    """The catalogue rows any of a batch of images can use, as stored, in one read.
+
+    ``meta`` holds the images' WCS (:data:`IMAGE_WCS`); ``epoch`` is the catalogue's own
+    reference epoch (:func:`catalog_epoch`), so the rows come back unmoved, and each
+    image's :func:`~sphx.level3.photometry.image_catalog` on this table finds exactly the
+    rows (and positions) it finds on the whole catalogue. One read per batch instead of
+    one per image: a read cost about as much as a solver's work on the image.
+    """
+    from ..io.repository import open_repository
+
+    refcat = open_repository(location).open_table("refcat")
+    footprints = [_footprint(meta, band=band, obs=int(o)) for o in meta["obs"].values]
+    table, _ = query_catalog(refcat, footprints=footprints, epoch=epoch, margin=2 * DEFAULT_MARGIN)
+    partitioning = getattr(refcat, "partitioning", None)
+    if partitioning is not None:  # without it the per-image queries test every row: a few thousand
+        table = table.drop_columns([n for n in partitioning.schema.names if n in table.column_names])
+    return table

@@ -16,9 +16,11 @@ A star's catalogue flux only scales its samples: an error in it (or in the absol
 gain) adds scatter to the stack, not a change of shape, and the final normalisation
 removes the scale.
 
-Graph: one task per image makes its (2, zones, S, S) float64 accumulators (sums and
-counts) and per-zone star counts; they are added in a tree and deconvolved per band.
-Memory is a few accumulators (~20 MB for 121 zones) whatever the number of images.
+Graph: one task per ``batch`` images reads the catalogue once for all of them and
+stacks their stars into one pair of (2, zones, S, S) float64 accumulators (sums and
+counts) and per-zone star counts; the batches are added in a tree and deconvolved per
+band. Memory is a few accumulators (~23 MB for 121 zones) and a batch's catalogue,
+whatever the number of images.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from ..io.repository import Repository
 from ..kernels.psf_stack import deconvolve_pixel, stack_grid_size, stack_stars
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
 from ..wcs import cube_wcs
-from .inputs import IMAGE_WCS, SolverInputs
-from .run import Solver, register_solver
+from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch
+from .run import Solver, register_solver, tree_sum
 
 __all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image"]
 
@@ -62,6 +64,7 @@ class PsfConfig(pydantic.BaseModel):
     smoothing: float | None = pydantic.Field(None, gt=0, description="deconvolution smoothness (None: default)")
     compactness: float | None = pydantic.Field(None, ge=0, description="deconvolution compactness (None: default)")
     require_astrometry: bool = True
+    batch: int = pydantic.Field(16, ge=1, description="images per task (one catalogue read, one accumulator)")
 
 
 def _ring_offsets(inner: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +112,8 @@ def isolated_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, candidates: n
 
 def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: np.ndarray, y: np.ndarray,
                 flux: np.ndarray, zone: np.ndarray, *, n_zones: int, oversampling: int, half_size: int,
-                mask: int = int(PHOTOMETRY_MASK)) -> tuple[np.ndarray, np.ndarray]:
+                mask: int = int(PHOTOMETRY_MASK),
+                out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stack one image's stars into per-zone accumulators.
 
     Parameters
@@ -126,6 +130,8 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
         Accumulator planes, grid oversampling, cutout half-size [pixel].
     mask
         FLAGS bits that make a pixel unusable.
+    out
+        ``(acc, stars)`` to add to in place (new zeros when None).
 
     Returns
     -------
@@ -147,8 +153,7 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
     bright stars make each zone, and the zones' FWHM scattered 3 times more.
     """
     size = stack_grid_size(half_size=half_size, oversampling=oversampling)
-    acc = np.zeros((2, n_zones, size, size))
-    stars = np.zeros(n_zones, np.int64)
+    acc, stars = out if out is not None else (np.zeros((2, n_zones, size, size)), np.zeros(n_zones, np.int64))
     if not x.size:
         return acc, stars
     ny, nx = image.shape
@@ -179,19 +184,31 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
     return acc, stars
 
 
-def _stack_task(image, variance, flags, meta, location, band, obs, zone_x, zone_y, omega, cwave, oversampling,
-                config):
+def _stack_batch(images, variances, flags, meta, location, band, zone_x, zone_y, omega, cwave, oversampling, epoch,
+                 config):
+    """The task of a batch of images: their (1, 1, y, x) pixel blocks and per-image
+    numbers (``meta``), stacked into one pair of accumulators. The catalogue is read
+    once for the batch (:func:`~sphx.calibrate.inputs.batch_catalog`; ``epoch`` None:
+    each image reads the whole catalogue)."""
     from ..io.repository import open_repository
 
-    image, variance, flags = image[0, 0], variance[0, 0], flags[0, 0]
-    n_zones = zone_x.size
     size = stack_grid_size(half_size=config.half_size, oversampling=oversampling)
-    empty = np.zeros((2, n_zones, size, size)), np.zeros(n_zones, np.int64)
-    table = image_catalog(open_repository(location).open_table("refcat"), meta, band=band, obs=obs,
+    out = np.zeros((2, zone_x.size, size, size)), np.zeros(zone_x.size, np.int64)
+    refcat = open_repository(location).open_table("refcat") if epoch is None else \
+        batch_catalog(location, meta, band=band, epoch=epoch)
+    for k, obs in enumerate(meta["obs"].values):
+        _stack_one(images[k][0, 0], variances[k][0, 0], flags[k][0, 0], meta.isel(obs=[k]), refcat, band, int(obs),
+                   zone_x, zone_y, omega, cwave, oversampling, config, out)
+    return out
+
+
+def _stack_one(image, variance, flags, meta, refcat, band, obs, zone_x, zone_y, omega, cwave, oversampling, config,
+               out):
+    table = image_catalog(refcat, meta, band=band, obs=obs,
                           columns=["source_id", "ra", "dec", "ref_epoch", "pmra", "pmdec", "parallax", "kind",
                                    *CATALOG_WAVELENGTHS])
     if not table.num_rows:
-        return empty
+        return
     cat = catalog_array(table)
     x0, y0 = int(meta["x"].values[0]), int(meta["y"].values[0])
     ny, nx = image.shape
@@ -213,13 +230,13 @@ def _stack_task(image, variance, flags, meta, location, band, obs, zone_x, zone_
     chosen = candidates[isolated_stars(xs, ys, flux, candidates, radius=config.isolation,
                                        fraction=config.max_neighbour)]
     if not chosen.size:
-        return empty
+        return
     # the nearest zone centre (zones run x-fast: plane = iy * nx_zones + ix)
     zx, zy = np.unique(zone_x) - x0, np.unique(zone_y) - y0
     kx = np.abs(xs[chosen, None] - zx[None, :]).argmin(axis=1)
     ky = np.abs(ys[chosen, None] - zy[None, :]).argmin(axis=1)
-    return stack_image(image, variance, flags, xs[chosen], ys[chosen], flux_image[chosen], ky * zx.size + kx,
-                       n_zones=n_zones, oversampling=oversampling, half_size=h)
+    stack_image(image, variance, flags, xs[chosen], ys[chosen], flux_image[chosen], ky * zx.size + kx,
+                n_zones=zone_x.size, oversampling=oversampling, half_size=h, out=out)
 
 
 def _within_reach(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
@@ -296,28 +313,30 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
     size = prior.sizes["psf_x"]
     zone_x, zone_y = prior["zone_x"].values, prior["zone_y"].values
     n_zones = zone_x.size
-    px = inputs.pixels
     usable = inputs.usable(require_astrometry=c.require_astrometry)
-    meta = inputs.image_metadata()
+    # per-image numbers (WCS, times): small, read now so that the tasks carry them
+    meta = inputs.image_metadata().load()
     blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS"))
+    epoch = catalog_epoch(repo.open_table("refcat"))
     s = stack_grid_size(half_size=c.half_size, oversampling=over)
     planes, counts = [], []
     for i, band in enumerate(inputs.bands):
         # maps as graph inputs (dask-backed from the repository: nothing is read while building)
         omega = calibrations["solid_angle_pixel_map"]["SAPM"].sel(band=band).data.astype(np.float64)
         cwave = calibrations["spectral_wcs"]["CWAVE"].sel(band=band).data.astype(np.float64)
+        use = np.flatnonzero(usable[i]).tolist()
         parts = []
-        for j, obs in enumerate(px["obs"].values):
-            if not usable[i, j]:
-                continue
-            parts.append(dask.delayed(_stack_task, nout=2)(
-                *(blocks[n][i, j, 0, 0] for n in ("IMAGE", "VARIANCE", "FLAGS")), meta.isel(band=[i], obs=[j]),
-                repo.location, int(band), int(obs), zone_x, zone_y, omega, cwave, over, c,
-                dask_key_name=f"psf-stack-{obs}-D{band}"))
+        for first in range(0, len(use), c.batch):
+            group = use[first:first + c.batch]
+            m = meta.isel(band=[i], obs=group)
+            parts.append(dask.delayed(_stack_batch, nout=2)(
+                *([blocks[n][i, j, 0, 0] for j in group] for n in ("IMAGE", "VARIANCE", "FLAGS")), m,
+                repo.location, int(band), zone_x, zone_y, omega, cwave, over, epoch, c,
+                dask_key_name=f"psf-stack-{int(m['obs'].values[0])}-D{band}"))
         if not parts:
             raise CalibrationError(f"band {band}: no image with fine astrometry to stack stars from")
-        acc = da.stack([da.from_delayed(p[0], (2, n_zones, s, s), np.float64) for p in parts]).sum(
-            axis=0, split_every=4)
+        acc = tree_sum(da.stack([da.from_delayed(p[0], (2, n_zones, s, s), np.float64) for p in parts]), axis=0,
+                       split_every=4)
         n = da.stack([da.from_delayed(p[1], (n_zones,), np.int64) for p in parts]).sum(axis=0, split_every=16)
         plane = dask.delayed(_finish)(acc, n, size=size, oversampling=over, config=c, band=int(band),
                                       n_side=np.unique(zone_x).size)

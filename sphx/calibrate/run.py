@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+import dask.array as da
+import numpy as np
 import pydantic
 import xarray as xr
 
@@ -25,7 +27,28 @@ from ..errors import CalibrationError, CalibrationNotFoundError
 from ..io.repository import Repository, open_repository
 from .inputs import open_inputs
 
-__all__ = ["SOLVERS", "Solver", "SolverReport", "merge_bands", "run_solver"]
+__all__ = ["SOLVERS", "Solver", "SolverReport", "merge_bands", "run_solver", "tree_sum"]
+
+
+def tree_sum(x: da.Array, *, axis: int, split_every: int) -> da.Array:
+    """Sum of ``x`` over ``axis`` in a tree of ``split_every`` blocks per node, each node
+    adding its blocks into one new array: an ordinary dask sum concatenates them first,
+    a copy of all of them (a batch's regression sums or a PSF stack are tens to hundreds
+    of MB at full size)."""
+    return da.reduction(x, chunk=_identity, combine=_add_blocks, aggregate=_add_blocks, axis=axis,
+                        concatenate=False, split_every=split_every, dtype=x.dtype)
+
+
+def _identity(block: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return block
+
+
+def _add_blocks(blocks: list[np.ndarray] | np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    blocks = blocks if isinstance(blocks, list) else [blocks]
+    total = blocks[0] + blocks[1] if len(blocks) > 1 else blocks[0].copy()
+    for block in blocks[2:]:
+        total += block
+    return total if keepdims else total.squeeze(axis)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,10 @@ class Solver:
         ``solve(repo, inputs, config, calibrations=...) -> {product: Dataset}`` (lazy).
     extra
         Per-image variables read with the pixels (WCS, FINAST...).
+    batch_field
+        The config field giving the images the solver works on together, read as one
+        chunk per variable (:func:`~sphx.calibrate.inputs.open_inputs` ``batch``); None:
+        one image per chunk.
     """
 
     name: str
@@ -63,6 +90,11 @@ class Solver:
     writes: tuple[str, ...]
     solve: Callable[..., dict[str, xr.Dataset]]
     extra: tuple[str, ...] = ()
+    batch_field: str | None = None
+
+    def read_batch(self, config: pydantic.BaseModel) -> int | None:
+        """Images per read chunk under ``config``."""
+        return getattr(config, self.batch_field) if self.batch_field else None
 
     def make_config(self, config: pydantic.BaseModel | Mapping[str, Any] | None) -> pydantic.BaseModel:
         """The solver's config from a model or a mapping; unknown keys raise CalibrationError."""
@@ -193,7 +225,8 @@ def run_solver(
     missing = [t for t in spec.tables if t not in repo.tables()]
     if missing:
         raise CalibrationError(f"{solver} reads table(s) {missing}, which {repo.location} does not hold")
-    inputs = open_inputs(repo, spec.reads, spectral_wcs=calib["spectral_wcs"], select=select, extra=spec.extra)
+    inputs = open_inputs(repo, spec.reads, spectral_wcs=calib["spectral_wcs"], select=select, extra=spec.extra,
+                         batch=spec.read_batch(config))
     say(f"{spec.module}: {sum(inputs.n_images().values())} image(s) of band(s) {inputs.bands}")
     products = spec.solve(repo, inputs, config, calibrations=calib)
     # one pass over the images for every product of the solver

@@ -38,7 +38,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "key_order", "median_variance",
+from .select import median
+
+__all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "key_starts", "median_variance",
            "reference_fluxes", "solve_sums"]
 
 SUM_NAMES = ("n", "w", "wx", "wy", "wxx", "wxy", "wyy", "wvx", "wcxy")
@@ -108,28 +110,56 @@ def channel_keys(cwave: np.ndarray, *, n_channels: int, n_segments: int,
 
 
 @numba.njit(nogil=True, cache=True)
-def _group_medians(values, ok, variance, gain, order, starts, out_median, out_count,
-                   out_inv_sigma_sum):  # pragma: no cover - compiled
-    # median, number of values and sum of 1/sigma (sigma = sqrt(variance) / gain, the
-    # noise of values) of each key's usable pixels; the sum is scaled up from the pixels
-    # with a usable variance to all of them
-    buf = np.empty(order.size, np.float64)
-    for g in range(starts.size - 1):
-        k = 0
-        known = 0
-        s = 0.0
-        for t in range(starts[g], starts[g + 1]):
-            p = order[t]
-            if ok[p]:
-                buf[k] = values[p]
-                k += 1
-                v = variance[p]
-                if v > 0 and v < np.inf and gain[p] > 0:
-                    s += gain[p] / np.sqrt(v)
-                    known += 1
+def _priors(dark0, gain0, dark, inverse, gain):  # pragma: no cover - compiled
+    # the prior dark (NaN: 0), the prior flat (NaN: 0) and its inverse (NaN where not
+    # positive), once per batch: a division per sample costs as much as the rest
+    for p in range(dark0.size):
+        d, g = dark0[p], gain0[p]
+        dark[p] = d if np.isfinite(d) else 0.0
+        gain[p] = g if np.isfinite(g) else 0.0
+        inverse[p] = 1.0 / g if g > 0 else np.nan
+
+
+@numba.njit(nogil=True, cache=True)
+def _channel_stats(image, variance, flags, ref_mask, key, dark, inverse, gain, starts, n_segments, buf, out_median,
+                   out_count, out_inv_sigma_sum, out_weight):  # pragma: no cover - compiled
+    # Per key: the median, number and sum of 1/sigma (sigma = sqrt(variance) / gain, the
+    # noise of the values) of the reference values (image - dark) * inverse of the
+    # usable pixels (flags & ref_mask == 0, finite value); the sum is scaled up from the
+    # pixels with a usable variance to all of them. Per channel: the fit weight, the
+    # inverse of the mean variance of its usable pixels. One sequential pass drops each
+    # value into its key's stretch of ``buf`` (pixel order within a key, as a stable
+    # sort by key).
+    n_keys = starts.size - 1
+    var_sum = np.zeros(n_keys)
+    var_n = np.zeros(n_keys)
+    fill = np.zeros(n_keys, np.int64)
+    known = np.zeros(n_keys, np.int64)
+    s = np.zeros(n_keys)
+    for p in range(image.size):
+        g = key[p]
+        if g < 0 or flags[p] & ref_mask:
+            continue
+        v = np.float64(variance[p])
+        if np.isfinite(v):
+            var_sum[g] += v
+            var_n[g] += 1.0
+        x = (np.float64(image[p]) - dark[p]) * inverse[p]
+        if not np.isfinite(x):
+            continue
+        buf[starts[g] + fill[g]] = x
+        fill[g] += 1
+        if v > 0 and v < np.inf and gain[p] > 0:
+            s[g] += gain[p] / np.sqrt(v)
+            known[g] += 1
+    for g in range(n_keys):
+        k = fill[g]
         out_count[g] = k
-        out_median[g] = np.median(buf[:k]) if k > 0 else np.nan
-        out_inv_sigma_sum[g] = s * k / known if known > 0 else 0.0
+        out_median[g] = median(buf[starts[g]:starts[g] + k])
+        out_inv_sigma_sum[g] = s[g] * k / known[g] if known[g] > 0 else 0.0
+    for c in range(out_weight.size):
+        total = var_sum[c * n_segments:(c + 1) * n_segments].sum()
+        out_weight[c] = var_n[c * n_segments:(c + 1) * n_segments].sum() / total if total > 0 else 0.0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -237,33 +267,28 @@ def _fit_channels(medians, counts, segment_u, seg_var, inv_sigma_sum, n_segments
                 cov_poly[g, i] = scale * h
 
 
-def _reference(image, ok, variance, gain, key, segment_u, *, n_segments, degree, min_pixels, order):
-    """Coefficients of the reference, and of its variance and covariance with a pixel's
-    noise (see :func:`_fit_channels`); ``image`` is the data divided by ``gain``,
-    ``variance`` that of the data (None: no variances)."""
-    flat_key = key.ravel()
-    if order is None:
-        order = key_order(flat_key, segment_u.size)
-    idx, starts = order
-    values = np.ascontiguousarray(image, dtype=np.float64).ravel()
+def _reference(image, variance, flags, ref_mask, key, dark, inverse, gain, segment_u, *, n_segments, degree,
+               min_pixels, starts, buf):
+    """Coefficients of each channel's reference in one image, of its variance and
+    covariance with a pixel's noise (see :func:`_fit_channels`), and the channel weights
+    (see :func:`_channel_stats`; all raveled (ny * nx) arrays)."""
     medians = np.empty(segment_u.size)
     counts = np.empty(segment_u.size, np.int64)
     inv_sigma_sum = np.empty(segment_u.size)
-    if variance is None:
-        variance, gain = np.zeros(values.size), np.zeros(values.size)
-    _group_medians(values, np.ascontiguousarray(ok).ravel(), np.ascontiguousarray(variance).ravel(),
-                   np.ascontiguousarray(gain).ravel(), idx, starts, medians, counts, inv_sigma_sum)
-    seg_var = np.nan_to_num(median_variance(counts, inv_sigma_sum), nan=0.0, posinf=0.0)
     n_channels, m = segment_u.size // n_segments, degree + 1
+    weight = np.empty(n_channels)
+    _channel_stats(image, variance, flags, ref_mask, key, dark, inverse, gain, starts, n_segments, buf, medians,
+                   counts, inv_sigma_sum, weight)
+    seg_var = np.nan_to_num(median_variance(counts, inv_sigma_sum), nan=0.0, posinf=0.0)
     coef, var_poly, cov_poly = np.empty((n_channels, m)), np.empty((n_channels, 2 * m - 1)), np.empty((segment_u.size, m))
     _fit_channels(medians, counts, np.nan_to_num(segment_u), seg_var, inv_sigma_sum, n_segments, degree, min_pixels,
                   coef, var_poly, cov_poly)
-    return coef, var_poly, cov_poly
+    return coef, var_poly, cov_poly, weight
 
 
 def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, segment_u: np.ndarray, *,
                      n_segments: int, degree: int = 1, min_pixels: int = 20,
-                     order: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                     starts: np.ndarray | None = None) -> np.ndarray:
     """Polynomial coefficients of each channel's reference flux along ``u``.
 
     Parameters
@@ -279,78 +304,95 @@ def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, seg
         (weighted by their numbers of pixels).
     min_pixels
         A segment with fewer usable pixels gives no median.
-    order
-        ``(order, starts)``: pixels sorted by key and where each key starts (computed
-        when not given; pass it to reuse across images).
+    starts
+        From :func:`key_starts` (computed when not given; pass it to reuse across images).
 
     Returns
     -------
     (n_channels, degree + 1) float64 coefficients, lowest power first; NaN rows for
     channels with fewer than ``degree + 1`` segments.
     """
-    ok = np.asarray(usable, dtype=bool) & np.isfinite(image)
-    return _reference(image, ok, None, None, key, segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels,
-                      order=order)[0]
+    values = np.ascontiguousarray(image, dtype=np.float64).ravel()
+    flags = (~np.asarray(usable, dtype=bool)).astype(np.uint8).ravel()
+    flat_key = np.ascontiguousarray(key, dtype=np.int64).ravel()
+    starts = starts if starts is not None else key_starts(flat_key, segment_u.size)
+    zeros, ones = np.zeros(values.size), np.ones(values.size)
+    return _reference(values, zeros, flags, np.uint8(1), flat_key, zeros, ones, ones, segment_u,
+                      n_segments=n_segments, degree=degree, min_pixels=min_pixels, starts=starts,
+                      buf=np.empty(values.size))[0]
 
 
-def key_order(flat_key: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
-    """All pixel indices sorted by key and where each key starts.
-
-    Excluded pixels (key -1) sort first and belong to no key; the arrays have the same
-    size for every detector, so those of several bands stack.
-    """
-    idx = np.argsort(flat_key, kind="stable")
-    starts = np.searchsorted(flat_key[idx], np.arange(n_keys + 1))
-    return idx.astype(np.int64), starts.astype(np.int64)
+def key_starts(flat_key: np.ndarray, n_keys: int) -> np.ndarray:
+    """Where each key's pixels start in a list of the pixels sorted by key (key -1, the
+    excluded pixels, left out): ``n_keys + 1`` int64 offsets."""
+    counts = np.bincount(flat_key[flat_key >= 0], minlength=n_keys)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate(image, variance, fit_ok, in_ref, key, u, coef, var_poly, cov_poly, weight, dark0, gain0, clip,
-                n_segments, sums):  # pragma: no cover - compiled
-    ny, nx = image.shape
-    m = coef.shape[1]
+def _accumulate(images, variances, flags, fit_mask, ref_mask, key, u, coef, var_poly, cov_poly, weight, dark, inverse,
+                gain, clip, n_segments, sums):  # pragma: no cover - compiled
+    # Row by row, all images of the batch into one row of sums, added to ``sums`` once
+    # per batch: the nine full-size sums are read and written once per batch, not once
+    # per image (the same additions in the same order as image after image).
+    n_images, ny, nx = images.shape
+    m = coef.shape[2]
+    acc = np.empty((N_SUMS, nx))
+    channel = np.empty(nx, np.int64)
     for j in range(ny):
+        acc[:] = 0.0
         for i in range(nx):
-            k = key[j, i]
-            if k < 0 or not fit_ok[j, i]:
-                continue
-            c = k // n_segments
-            w = weight[c]
-            y = np.float64(image[j, i])
-            if not (w > 0) or not np.isfinite(y) or not np.isfinite(coef[c, 0]):
-                continue
-            uu = u[j, i]
-            x = 0.0
-            h = 0.0
-            for p in range(m - 1, -1, -1):
-                x = x * uu + coef[c, p]
-                h = h * uu + cov_poly[k, p]
-            r = y - (dark0[j, i] + gain0[j, i] * x)
-            v = np.float64(variance[j, i])
-            if not (r * r <= clip * clip * v):  # also drops NaN variance
-                continue
-            # variance of the reference at u, and its covariance with this pixel's noise
-            # through the pixel's own segment median
-            vx = 0.0
-            for p in range(2 * m - 2, -1, -1):
-                vx = vx * uu + var_poly[c, p]
-            cxy = h * np.sqrt(v) if in_ref[j, i] and v > 0 else 0.0
-            sums[0, j, i] += 1.0
-            sums[1, j, i] += w
-            sums[2, j, i] += w * x
-            sums[3, j, i] += w * y
-            sums[4, j, i] += w * x * x
-            sums[5, j, i] += w * x * y
-            sums[6, j, i] += w * y * y
-            sums[7, j, i] += w * vx
-            sums[8, j, i] += w * cxy
+            channel[i] = key[j, i] // n_segments
+        for b in range(n_images):
+            for i in range(nx):
+                k = key[j, i]
+                if k < 0:
+                    continue
+                f = flags[b, j, i]
+                if f & fit_mask:
+                    continue
+                c = channel[i]
+                w = weight[b, c]
+                y = np.float64(images[b, j, i])
+                if not (w > 0) or not np.isfinite(y) or not np.isfinite(coef[b, c, 0]):
+                    continue
+                uu = u[j, i]
+                d = dark[j, i]
+                x = 0.0
+                h = 0.0
+                for p in range(m - 1, -1, -1):
+                    x = x * uu + coef[b, c, p]
+                    h = h * uu + cov_poly[b, k, p]
+                r = y - (d + gain[j, i] * x)
+                v = np.float64(variances[b, j, i])
+                if not (r * r <= clip * clip * v):  # also drops NaN variance
+                    continue
+                # variance of the reference at u, and its covariance with this pixel's
+                # noise through the pixel's own segment median (if it entered it)
+                vx = 0.0
+                for p in range(2 * m - 2, -1, -1):
+                    vx = vx * uu + var_poly[b, c, p]
+                in_ref = (f & ref_mask) == 0 and np.isfinite((y - d) * inverse[j, i])
+                cxy = h * np.sqrt(v) if in_ref and v > 0 else 0.0
+                acc[0, i] += 1.0
+                acc[1, i] += w
+                acc[2, i] += w * x
+                acc[3, i] += w * y
+                acc[4, i] += w * x * x
+                acc[5, i] += w * x * y
+                acc[6, i] += w * y * y
+                acc[7, i] += w * vx
+                acc[8, i] += w * cxy
+        for s in range(N_SUMS):
+            for i in range(nx):
+                sums[s, j, i] += acc[s, i]
 
 
-def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndarray, ref_ok: np.ndarray, *,
-                      key: np.ndarray, u: np.ndarray, segment_u: np.ndarray, dark0: np.ndarray,
-                      gain0: np.ndarray, n_segments: int, degree: int = 1, clip: float = 5.0,
-                      min_pixels: int = 20, order: tuple[np.ndarray, np.ndarray] | None = None,
-                      sums: np.ndarray | None = None) -> np.ndarray:
+def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndarray | None = None,
+                      ref_ok: np.ndarray | None = None, *, key: np.ndarray, u: np.ndarray, segment_u: np.ndarray,
+                      dark0: np.ndarray, gain0: np.ndarray, n_segments: int, degree: int = 1, clip: float = 5.0,
+                      min_pixels: int = 20, starts: np.ndarray | None = None, sums: np.ndarray | None = None, flags: np.ndarray | None = None, fit_mask: int = 0,
+                      ref_mask: int = 0) -> np.ndarray:
     """Regression sums of a batch of images of one detector.
 
     Parameters
@@ -359,7 +401,11 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
         (k, ny, nx) values [electron/s] and their variances [(electron/s)^2].
     fit_ok, ref_ok
         (k, ny, nx) bool: samples that may enter the fit, and pixels that may enter the
-        reference medians.
+        reference medians. Or instead:
+    flags, fit_mask, ref_mask
+        (k, ny, nx) integer flags: a sample enters the fit where ``flags & fit_mask`` is
+        0 and the reference medians where ``flags & ref_mask`` is 0 (no boolean copies
+        of a batch of full-size images).
     key, u, segment_u
         From :func:`channel_keys`.
     dark0, gain0
@@ -367,9 +413,8 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
         measured on ``(image - dark0) / gain0`` and samples farther than ``clip``
         standard deviations (square root of ``variances``) from ``dark0 + gain0 x`` are
         left out.
-    n_segments, degree, min_pixels, order
-        See :func:`reference_fluxes` (``order`` from :func:`key_order`, computed when
-        not given).
+    n_segments, degree, min_pixels, starts
+        See :func:`reference_fluxes`.
     sums
         (N_SUMS, ny, nx) float64 to add to in place (new zeros when None).
 
@@ -385,30 +430,30 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
     k, ny, nx = images.shape
     if sums is None:
         sums = np.zeros((N_SUMS, ny, nx))
-    if order is None:
-        order = key_order(key.ravel(), segment_u.size)
-    n_channels = segment_u.size // n_segments
-    channel = np.where(key >= 0, key // n_segments, n_channels)
-    d0 = np.nan_to_num(np.asarray(dark0, dtype=np.float64))
-    g0 = np.nan_to_num(np.asarray(gain0, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inverse = np.where(g0 > 0, 1.0 / g0, np.nan)
+    if flags is None:
+        flags = (~np.asarray(fit_ok, dtype=bool)).astype(np.uint8) | ((~np.asarray(ref_ok, dtype=bool)) * np.uint8(2))
+        fit_mask, ref_mask = 1, 2
+    flag_type = flags.dtype.type
+    flat_key = np.ascontiguousarray(key, dtype=np.int64).ravel()
+    if starts is None:
+        starts = key_starts(flat_key, segment_u.size)
+    d0, inverse, g0 = np.empty((ny, nx)), np.empty((ny, nx)), np.empty((ny, nx))
+    _priors(np.ascontiguousarray(dark0, dtype=np.float64).ravel(), np.ascontiguousarray(gain0, dtype=np.float64).ravel(),
+            d0.ravel(), inverse.ravel(), g0.ravel())
+    n_channels, m = segment_u.size // n_segments, degree + 1
+    coef, var_poly = np.empty((k, n_channels, m)), np.empty((k, n_channels, 2 * m - 1))
+    cov_poly, weight = np.empty((k, segment_u.size, m)), np.empty((k, n_channels))
+    buf = np.empty(starts[-1])
+    # Each image's reference is measured on it flat-fielded with the prior: the fitted
+    # tilt cannot tell a gradient of the flat along the channel from the zodiacal
+    # light's, so the prior sets the flat's large-scale shape along each channel and the
+    # sky the rest.
     for b in range(k):
-        image = images[b]
-        # Measured on the image flat-fielded with the prior: the fitted tilt cannot tell a
-        # gradient of the flat along the channel from the zodiacal light's, so the prior
-        # sets the flat's large-scale shape along each channel and the sky the rest.
-        ref_image = (image - d0) * inverse
-        in_ref = np.asarray(ref_ok[b], dtype=bool) & np.isfinite(ref_image)
-        coef, var_poly, cov_poly = _reference(ref_image, in_ref, variances[b], g0, key, segment_u,
-                                              n_segments=n_segments, degree=degree, min_pixels=min_pixels, order=order)
-        use = ref_ok[b] & np.isfinite(variances[b]) & (key >= 0)
-        var_sum = np.bincount(channel[use], weights=variances[b][use], minlength=n_channels + 1)[:n_channels]
-        var_n = np.bincount(channel[use], minlength=n_channels + 1)[:n_channels]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            weight = np.where(var_n > 0, var_n / var_sum, 0.0)
-        _accumulate(image, variances[b], fit_ok[b], in_ref, key, u, coef, var_poly, cov_poly, weight, d0, g0,
-                    float(clip), n_segments, sums)
+        coef[b], var_poly[b], cov_poly[b], weight[b] = _reference(
+            images[b].ravel(), variances[b].ravel(), flags[b].ravel(), flag_type(ref_mask), flat_key, d0.ravel(),
+            inverse.ravel(), g0.ravel(), segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels, starts=starts, buf=buf)
+    _accumulate(images, variances, flags, flag_type(fit_mask), flag_type(ref_mask), key, u, coef, var_poly, cov_poly,
+                weight, d0, inverse, g0, float(clip), n_segments, sums)
     return sums
 
 

@@ -5,8 +5,9 @@
 integers once the sign is folded in, so two counting passes find it exactly: a histogram
 of the upper 16 bits locates the bucket of the wanted rank, a histogram of the lower 16
 bits of that bucket's members gives the value. Both passes stream the data once and leave
-it in place (about 3 ms each on that image). Small arrays and other dtypes go through
-Hoare's selection on a copy.
+it in place (about 3 ms each on that image). Smaller arrays and other dtypes go through
+histogram selection (:func:`_histogram_select`: the same idea on the value range, a few
+branch-free passes) and, below a few hundred values, Hoare's selection on a copy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ __all__ = ["median"]
 
 _RADIX_MIN = 16384  # below this, partitioning is as fast and needs no histograms
 _HALF = 65536
+_HISTOGRAM_MIN = 256  # above this, histogram selection beats partitioning
+_BINS = 64
+_SAMPLE = 32
 
 
 @numba.njit(inline="always")
@@ -126,11 +130,82 @@ def _select_inplace(a, k):
     return a[k]
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _bin(x, lo, scale):
+    # clamped as a float first: int() of a value beyond the int64 range is undefined
+    return int(min(max((x - lo) * scale, 0.0), _BINS - 1.0))
+
+
+@numba.njit(nogil=True, cache=True)
+def _histogram_select(a, k, work):
+    """The ``k``-th smallest of ``a`` (left unchanged; ``work`` as large as ``a``).
+
+    Counts the values in ``_BINS`` bins of a range (values beyond it in the end bins:
+    binning is monotonic, so ranks hold), keeps the bin holding rank ``k`` (copied to
+    ``work``) and repeats on it, then selects among the few left. The first range spans
+    the middle three quarters of a sample of ``a``; later ones the extremes of what is
+    left. Every pass is branch-free, where a partition's comparisons on noisy data
+    mispredict about half the time: about 3x faster from ~500 values.
+    """
+    counts = np.empty(_BINS, np.int64)
+    src = a
+    n = a.size
+    sampled = False
+    while n > _BINS // 2:
+        if not sampled and n > 8 * _SAMPLE:
+            sampled = True
+            sample = np.empty(_SAMPLE)
+            step = n // _SAMPLE
+            for q in range(_SAMPLE):
+                sample[q] = src[q * step]
+            sample.sort()
+            lo, hi = sample[_SAMPLE // 8], sample[_SAMPLE - 1 - _SAMPLE // 8]
+            if not hi > lo:
+                continue  # a sample of equal values: the extremes instead
+        else:
+            lo = hi = src[0]
+            for p in range(1, n):
+                lo = min(lo, src[p])
+                hi = max(hi, src[p])
+            if not hi > lo:
+                return lo
+        scale = _BINS / (hi - lo)
+        if not scale < np.inf:
+            break
+        counts[:] = 0
+        for p in range(n):
+            counts[_bin(src[p], lo, scale)] += 1
+        b, below = _bucket(counts, k)
+        if counts[b] == n:
+            break
+        k -= below
+        m = 0
+        for p in range(n):  # in place when src is work: m <= p
+            x = src[p]
+            work[m] = x
+            m += _bin(x, lo, scale) == b
+        src = work
+        n = m
+    if src is not work:
+        work[:n] = src[:n]
+    return _select_inplace(work[:n], k)
+
+
 @numba.njit(nogil=True, cache=True)
 def _partition_median(a):
     # numba's np.partition is several times slower than this on small and large arrays
+    n = a.size
+    if n > _HISTOGRAM_MIN:
+        v = np.float64(_histogram_select(a, n // 2, np.empty_like(a)))
+        if n % 2 == 0:  # the lower middle: the largest value below v, or v if fewer than n/2 are below it
+            lower, below = -np.inf, 0
+            for p in range(n):
+                if a[p] < v:
+                    below += 1
+                    lower = max(lower, np.float64(a[p]))
+            v = 0.5 * (v + (lower if below == n // 2 else v))
+        return v
     work = a.copy()
-    n = work.size
     v = np.float64(_select_inplace(work, n // 2))
     if n % 2 == 0:  # the lower middle is the largest of the lower half
         v = 0.5 * (v + np.float64(np.max(work[: n // 2])))
@@ -142,7 +217,7 @@ def median(a):
     NaN when empty).
 
     Exact: float32 arrays of at least 16384 elements by radix selection, others by
-    selection on a copy; ``a`` is not changed. Callable from numba-compiled code and
+    histogram selection or, below 256 values, selection on a copy; ``a`` is not changed. Callable from numba-compiled code and
     from Python.
     """
     if a.size == 0:
