@@ -17,10 +17,10 @@ gain) adds scatter to the stack, not a change of shape, and the final normalisat
 removes the scale.
 
 Graph: one task per ``batch`` images reads the catalogue once for all of them and
-stacks their stars into one pair of (2, zones, S, S) float64 accumulators (sums and
-counts) and per-zone star counts; the batches are added in a tree and deconvolved per
-band. Memory is a few accumulators (~23 MB for 121 zones) and a batch's catalogue,
-whatever the number of images.
+stacks their stars onto a (2, zones, S, S) float64 accumulator (sums and counts) and
+per-zone star counts, carried from batch to batch along ``chains`` chains per band; the
+chains are added and deconvolved per band. Memory is ``chains`` accumulators (~23 MB
+each for 121 zones) per band and a batch's catalogue, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ..kernels.psf_stack import deconvolve_pixel, stack_grid_size, stack_stars
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
 from ..wcs import cube_wcs
 from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch
-from .run import Solver, register_solver, tree_sum
+from .run import Solver, register_solver
 
 __all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image"]
 
@@ -64,7 +64,8 @@ class PsfConfig(pydantic.BaseModel):
     smoothing: float | None = pydantic.Field(None, gt=0, description="deconvolution smoothness (None: default)")
     compactness: float | None = pydantic.Field(None, ge=0, description="deconvolution compactness (None: default)")
     require_astrometry: bool = True
-    batch: int = pydantic.Field(16, ge=1, description="images per task (one catalogue read, one accumulator)")
+    batch: int = pydantic.Field(16, ge=1, description="images per task (one catalogue read)")
+    chains: int = pydantic.Field(4, ge=1, description="accumulators per band (23 MB each), added to in turn")
 
 
 def _ring_offsets(inner: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -185,15 +186,18 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
 
 
 def _stack_batch(images, variances, flags, meta, location, band, zone_x, zone_y, omega, cwave, oversampling, epoch,
-                 config):
+                 config, previous):
     """The task of a batch of images: their (1, 1, y, x) pixel blocks and per-image
-    numbers (``meta``), stacked into one pair of accumulators. The catalogue is read
-    once for the batch (:func:`~sphx.calibrate.inputs.batch_catalog`; ``epoch`` None:
-    each image reads the whole catalogue)."""
+    numbers (``meta``), stacked onto a copy of the ``previous`` batch's accumulators of
+    the chain (None: zeros). The catalogue is read once for the batch
+    (:func:`~sphx.calibrate.inputs.batch_catalog`; ``epoch`` None: each image reads the
+    whole catalogue)."""
     from ..io.repository import open_repository
 
     size = stack_grid_size(half_size=config.half_size, oversampling=oversampling)
-    out = np.zeros((2, zone_x.size, size, size)), np.zeros(zone_x.size, np.int64)
+    # a copy, not the previous result itself: a task run again must find its input as it was
+    out = (previous[0].copy(), previous[1].copy()) if previous is not None else \
+        (np.zeros((2, zone_x.size, size, size)), np.zeros(zone_x.size, np.int64))
     refcat = open_repository(location).open_table("refcat") if epoch is None else \
         batch_catalog(location, meta, band=band, epoch=epoch)
     for k, obs in enumerate(meta["obs"].values):
@@ -237,6 +241,14 @@ def _stack_one(image, variance, flags, meta, refcat, band, obs, zone_x, zone_y, 
     ky = np.abs(ys[chosen, None] - zy[None, :]).argmin(axis=1)
     stack_image(image, variance, flags, xs[chosen], ys[chosen], flux_image[chosen], ky * zx.size + kx,
                 n_zones=zone_x.size, oversampling=oversampling, half_size=h, out=out)
+
+
+def _add_accumulators(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    acc, stars = parts[0][0].copy(), parts[0][1].copy()
+    for a, n in parts[1:]:
+        acc += a
+        stars += n
+    return acc, stars
 
 
 def _within_reach(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
@@ -318,27 +330,28 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
     meta = inputs.image_metadata().load()
     blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS"))
     epoch = catalog_epoch(repo.open_table("refcat"))
-    s = stack_grid_size(half_size=c.half_size, oversampling=over)
     planes, counts = [], []
     for i, band in enumerate(inputs.bands):
         # maps as graph inputs (dask-backed from the repository: nothing is read while building)
         omega = calibrations["solid_angle_pixel_map"]["SAPM"].sel(band=band).data.astype(np.float64)
         cwave = calibrations["spectral_wcs"]["CWAVE"].sel(band=band).data.astype(np.float64)
         use = np.flatnonzero(usable[i]).tolist()
-        parts = []
-        for first in range(0, len(use), c.batch):
+        # ``chains`` accumulators per band, each taking every chains-th batch in turn: the
+        # memory is that many accumulators whatever the number of images (a tree sum of
+        # one accumulator per batch held many while the scheduler ran ahead)
+        heads = [None] * c.chains
+        for k, first in enumerate(range(0, len(use), c.batch)):
             group = use[first:first + c.batch]
             m = meta.isel(band=[i], obs=group)
-            parts.append(dask.delayed(_stack_batch, nout=2)(
+            heads[k % c.chains] = dask.delayed(_stack_batch)(
                 *([blocks[n][i, j, 0, 0] for j in group] for n in ("IMAGE", "VARIANCE", "FLAGS")), m,
-                repo.location, int(band), zone_x, zone_y, omega, cwave, over, epoch, c,
-                dask_key_name=f"psf-stack-{int(m['obs'].values[0])}-D{band}"))
-        if not parts:
+                repo.location, int(band), zone_x, zone_y, omega, cwave, over, epoch, c, heads[k % c.chains],
+                dask_key_name=f"psf-stack-{int(m['obs'].values[0])}-D{band}")
+        if heads[0] is None:
             raise CalibrationError(f"band {band}: no image with fine astrometry to stack stars from")
-        acc = tree_sum(da.stack([da.from_delayed(p[0], (2, n_zones, s, s), np.float64) for p in parts]), axis=0,
-                       split_every=4)
-        n = da.stack([da.from_delayed(p[1], (n_zones,), np.int64) for p in parts]).sum(axis=0, split_every=16)
-        plane = dask.delayed(_finish)(acc, n, size=size, oversampling=over, config=c, band=int(band),
+        total = dask.delayed(_add_accumulators)([h for h in heads if h is not None])
+        n = da.from_delayed(total[1], (n_zones,), np.int64)
+        plane = dask.delayed(_finish)(total[0], n, size=size, oversampling=over, config=c, band=int(band),
                                       n_side=np.unique(zone_x).size)
         planes.append(da.from_delayed(plane, (n_zones, size, size), np.float32))
         counts.append(n)
