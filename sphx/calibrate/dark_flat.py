@@ -31,7 +31,7 @@ from ..io.repository import Repository
 from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, key_starts, solve_sums
 from ..levels import ELECTRON_RATE
 from .inputs import SolverInputs, band_maps
-from .run import Solver, register_solver, tree_sum
+from .run import Solver, register_solver
 
 __all__ = ["DarkFlatConfig", "dark_flat_sums", "estimate_dark_flat", "flat_from_gain"]
 
@@ -116,7 +116,27 @@ def dark_flat_sums(inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, 
         new_axes={"s": N_SUMS}, adjust_chunks={"o": 1}, dtype=np.float64, concatenate=True,
         fit_mask=np.uint32(_flags.mask(*c.fit_mask)), ref_mask=np.uint32(_flags.mask(*c.reference_mask)),
         n_segments=c.n_segments, degree=c.degree, clip=c.clip)
-    return tree_sum(partial, axis=1, split_every=c.split_every)
+    return _tree_sum(partial, axis=1, split_every=c.split_every)
+
+
+def _tree_sum(x: da.Array, *, axis: int, split_every: int) -> da.Array:
+    """Sum of ``x`` over ``axis`` in a tree of ``split_every`` blocks per node, each node
+    adding its blocks into one new array: an ordinary dask sum concatenates them first,
+    a copy of all of them (a batch's sums are 300 MB at full size)."""
+    return da.reduction(x, chunk=_identity, combine=_add_blocks, aggregate=_add_blocks, axis=axis,
+                        concatenate=False, split_every=split_every, dtype=x.dtype)
+
+
+def _identity(block: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return block
+
+
+def _add_blocks(blocks: list[np.ndarray] | np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    blocks = blocks if isinstance(blocks, list) else [blocks]
+    total = blocks[0] + blocks[1] if len(blocks) > 1 else blocks[0].copy()
+    for block in blocks[2:]:
+        total += block
+    return total if keepdims else total.squeeze(axis)
 
 
 def _solve_block(sums: np.ndarray, *prior: np.ndarray, reference_errors: bool = True) -> np.ndarray:

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
-import dask.array as da
-import numpy as np
 import pydantic
 import xarray as xr
 
@@ -27,28 +25,7 @@ from ..errors import CalibrationError, CalibrationNotFoundError
 from ..io.repository import Repository, open_repository
 from .inputs import open_inputs
 
-__all__ = ["SOLVERS", "Solver", "SolverReport", "merge_bands", "run_solver", "tree_sum"]
-
-
-def tree_sum(x: da.Array, *, axis: int, split_every: int) -> da.Array:
-    """Sum of ``x`` over ``axis`` in a tree of ``split_every`` blocks per node, each node
-    adding its blocks into one new array: an ordinary dask sum concatenates them first,
-    a copy of all of them (a batch's regression sums or a PSF stack are tens to hundreds
-    of MB at full size)."""
-    return da.reduction(x, chunk=_identity, combine=_add_blocks, aggregate=_add_blocks, axis=axis,
-                        concatenate=False, split_every=split_every, dtype=x.dtype)
-
-
-def _identity(block: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return block
-
-
-def _add_blocks(blocks: list[np.ndarray] | np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    blocks = blocks if isinstance(blocks, list) else [blocks]
-    total = blocks[0] + blocks[1] if len(blocks) > 1 else blocks[0].copy()
-    for block in blocks[2:]:
-        total += block
-    return total if keepdims else total.squeeze(axis)
+__all__ = ["SOLVERS", "Solver", "SolverReport", "merge_bands", "run_solver"]
 
 
 @dataclass(frozen=True)
