@@ -19,18 +19,20 @@ built once and kept under ``--work``:
   so a few dozen images are practical (the 1024-pixel variant suggested in the issue is
   not one the simulator offers). The solvers' per-band set-up (channel maps, PSF
   templates, one catalogue read per ``batch`` images, the final solve or deconvolution)
-  is part of the time, so more images per band show more throughput. The solvers' configs are relaxed only in their minimum image
-  and measurement counts (``SOLVER_CONFIG``): the survey is sized for timing, not accuracy.
+  is part of the time, so more images per band show more throughput. The solvers'
+  configs are relaxed only in their minimum image, measurement and star counts
+  (``SOLVER_CONFIG``): the survey is sized for timing, not accuracy.
 - *memory*: the test geometry (248 x 248), 500 exposures of bands 1 and 4 (1000 images),
   300 calibrators per square degree: the accuracy survey of ``docs/calibration.md``.
 
 **Throughput.** For each solver, in one run and on the same repository: (a) plain reading:
 the variables the solver reads (``Solver.reads``: variable and level), opened as the
 solver opens them (:func:`sphx.calibrate.inputs.open_inputs`: one image per block, or
-the solver's batch of images, ``Solver.batch_field``), and reduced to one sum per image so that nothing is kept; (b) the
-solver: its graph built and computed (``Solver.solve`` and ``dask.compute``, as
-:func:`~sphx.calibrate.run.run_solver` does, without storing the small products). Both on
-dask's threaded scheduler with ``--workers`` threads, interleaved, best of ``--repeat``.
+the solver's batch of images, ``Solver.batch_field``), and reduced to one sum per image
+so that nothing is kept; (b) the solver: its graph built and computed (``Solver.solve``
+and ``dask.compute``, as :func:`~sphx.calibrate.run.run_solver` does, without storing the
+small products). Both on dask's threaded scheduler with ``--workers`` threads,
+interleaved, best of ``--repeat``.
 Missing products that another solver makes (the flat field the absolute gain starts
 from) are made first, untimed.
 

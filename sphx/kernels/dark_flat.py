@@ -451,7 +451,8 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
     for b in range(k):
         coef[b], var_poly[b], cov_poly[b], weight[b] = _reference(
             images[b].ravel(), variances[b].ravel(), flags[b].ravel(), flag_type(ref_mask), flat_key, d0.ravel(),
-            inverse.ravel(), g0.ravel(), segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels, starts=starts, buf=buf)
+            inverse.ravel(), g0.ravel(), segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels,
+            starts=starts, buf=buf)
     _accumulate(images, variances, flags, flag_type(fit_mask), flag_type(ref_mask), key, u, coef, var_poly, cov_poly,
                 weight, d0, inverse, g0, float(clip), n_segments, sums)
     return sums
