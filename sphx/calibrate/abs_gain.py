@@ -42,7 +42,8 @@ from ..ephemeris import julian_year
 from ..errors import CalibrationError
 from ..io.repository import Repository
 from ..kernels.photometry import TemplateBank, template_bank
-from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, median, photometer_image
+from ..kernels.select import median
+from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, photometer_image
 from ..simulate.sky import sed_flux
 from ..wcs import cube_wcs
 from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch

@@ -37,7 +37,7 @@ from ..kernels.photometry import (
 )
 from ..wcs import cube_wcs
 
-__all__ = ["L3_NSIDE", "PHOTOMETRY_MASK", "image_catalog", "median", "noise_model", "photometer_image",
+__all__ = ["L3_NSIDE", "PHOTOMETRY_MASK", "image_catalog", "noise_model", "photometer_image",
            "psf_zone_weights", "split_by_tile"]
 
 L3_NSIDE = 64  # Level 3 sky tiles: HEALPix NSIDE 64 (nested), about 0.84 sq. deg.
@@ -244,21 +244,6 @@ def _noise_medians(signal, bits, inf_bits, variance, flags, mask, n_bins):  # pr
         two = _at_ranks(grouped[cut[b]:cut[b + 1]].astype(np.float64), mid[2 * b:2 * b + 2] - cut[b], 1 << 12)
         var_median[b] = two[0] if odd else (two[0] + two[1]) / 2
     return sig_median, var_median
-
-
-def median(values: np.ndarray) -> float:
-    """:func:`numpy.median` of finite values, in linear time (:func:`_at_ranks`).
-
-    numpy partitions (introselect); on the 4 million pixels of a detector this counts
-    them into buckets instead and sorts the one or two buckets holding the middle,
-    several times faster, with the same result.
-    """
-    values = np.ascontiguousarray(values, np.float64)
-    n = values.size
-    if n == 0:
-        return math.nan
-    lo, hi = _at_ranks(values, np.array([(n - 1) // 2, n // 2], np.int64), _MAX_BUCKETS)
-    return float(lo) if n % 2 else float((lo + hi) / 2)
 
 
 _SIGN = np.int64(0x7FFF_FFFF_FFFF_FFFF)
