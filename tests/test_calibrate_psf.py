@@ -80,8 +80,8 @@ def test_batches_and_chains_do_not_change_the_stack(psf_repo):
     one, many = (estimate_psf(psf_repo, inputs, PsfConfig(min_stars=1, **kw), calibrations=cal)["average_psf"]
                  .compute() for kw in ({"batch": 32, "chains": 1}, {"batch": 3, "chains": 2}))
     np.testing.assert_array_equal(one["N_STARS"].values, many["N_STARS"].values)  # no batch lost
-    # the stacks differ by round-off; the deconvolution (stopped at a relative residual
-    # of 1e-8, ill-conditioned on the rim) turns that into ~2e-4 of the peak at most
+    # the stacks differ by round-off, which the deconvolution (ill-conditioned on the
+    # rim, stopped at a relative residual of 1e-6) amplifies
     peak = np.nanmax(one["PSF"].values)
     np.testing.assert_allclose(many["PSF"].values, one["PSF"].values, rtol=0, atol=1e-3 * peak)
 
@@ -119,8 +119,9 @@ def test_psf_of_a_full_size_survey_photometers_like_the_truth(tmp_path):
     assert solved["N_STARS"].values.min() >= 900
     fwhm = np.array([np.array(psf_fwhm_2d(p)) / np.array(psf_fwhm_2d(t)) - 1
                      for p, t in zip(solved["PSF"].values[0], truth["PSF"].values[0], strict=True)])
-    # measured: mean +1.5 %, rms 3.7 %, worst 11 % (the issue asks for 1 % in every zone: not met)
-    assert np.all(np.abs(fwhm.mean(axis=0)) < 0.03) and np.all(np.sqrt((fwhm**2).mean(axis=0)) < 0.06)
+    # measured (x, y): mean +0.4 / +0.3 %, rms 1.9 / 1.7 %, worst 5.6 / 6.9 % (the issue asks for 1 %
+    # in every zone: not met; each zone alone, pool_zones 0: +0.7 %, 3.2 %, 8.7 %)
+    assert np.all(np.abs(fwhm.mean(axis=0)) < 0.01) and np.all(np.sqrt((fwhm**2).mean(axis=0)) < 0.03)
     l2 = repo.open_level("l2")
     cal = {n: repo.open_calibration(n) for n in ("solid_angle_pixel_map", "spectral_wcs")}
     ratios = []
@@ -136,6 +137,6 @@ def test_psf_of_a_full_size_survey_photometers_like_the_truth(tmp_path):
         ok = (a.column("phot_status").to_numpy() == 0) & (b.column("phot_status").to_numpy() == 0) & (fa > 50 * ea)
         ratios.append(fb[ok] / fa[ok])
     ratio = np.concatenate(ratios)
-    # measured: median 0.9963, 16-84 % 0.992-0.999, 90 % of 12 000 sources within 1 %
-    assert abs(np.median(ratio) - 1) < 0.01
-    assert np.mean(np.abs(ratio - 1) < 0.01) > 0.8
+    # measured: median 0.9990, 16-84 % 0.9964-1.0017, 98 % of 12 000 sources within 1 %
+    assert abs(np.median(ratio) - 1) < 0.003
+    assert np.mean(np.abs(ratio - 1) < 0.01) > 0.95

@@ -7,10 +7,14 @@ stacked at their sub-pixel offsets onto a 10x oversampled grid, one per PSF zone
 nearest zone centre; :func:`sphx.kernels.psf_stack.stack_stars`). The stack is the
 pixel-convolved (effective) PSF. Per band, the bins beyond the isolation radius are
 dropped and the background left at the edge of what remains is taken off
-(:func:`_within_reach`); the pixel response is then deconvolved iteratively
-(:func:`sphx.kernels.psf_stack.deconvolve_pixel`) onto the stack's grid, normalised to
-unit flux over it and cut to the product's 101 x 101 stamp, so that each plane holds the
-fraction of the flux per oversampled pixel, as the archive's ``average_psf`` does.
+(:func:`_within_reach`). Each zone's stack is then replaced, bin by bin, by a plane
+fitted across the zones within ``pool_zones`` (1) of it
+(:func:`sphx.kernels.psf_stack.pool_zones`): the PSF varies smoothly over the detector,
+and the 3 x 3 zones' stars nearly halve the scatter of the zones' widths. The pixel response is
+deconvolved iteratively (:func:`sphx.kernels.psf_stack.deconvolve_pixel`), and the PSF
+normalised to unit flux and cut to the product's 101 x 101 stamp, so that each plane
+holds the fraction of the flux per oversampled pixel, as the archive's ``average_psf``
+does.
 
 A star's catalogue flux only scales its samples: an error in it (or in the absolute
 gain) adds scatter to the stack, not a change of shape, and the final normalisation
@@ -38,7 +42,7 @@ from ..astrometry.catalog import CATALOG_WAVELENGTHS, F0, KIND, catalog_array, i
 from ..ephemeris import julian_year
 from ..errors import CalibrationError
 from ..io.repository import Repository
-from ..kernels.psf_stack import deconvolve_pixel, stack_grid_size, stack_stars
+from ..kernels.psf_stack import deconvolve_pixel, pool_zones, stack_grid_size, stack_stars
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
 from ..wcs import cube_wcs
 from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch
@@ -64,6 +68,8 @@ class PsfConfig(pydantic.BaseModel):
     smoothing: float | None = pydantic.Field(None, gt=0, description="deconvolution smoothness (None: default)")
     compactness: float | None = pydantic.Field(None, ge=0, description="deconvolution compactness (None: default)")
     require_astrometry: bool = True
+    pool_zones: int = pydantic.Field(
+        1, ge=0, description="[zones] each zone's stack is a plane fitted across the zones this near (0: alone)")
     batch: int = pydantic.Field(16, ge=1, description="images per task (one catalogue read)")
     chains: int = pydantic.Field(4, ge=1, description="accumulators per band (23 MB each), added to in turn")
 
@@ -288,12 +294,23 @@ def _finish(acc: np.ndarray, stars: np.ndarray, *, size: int, oversampling: int,
     # a neighbour's core reaches ~1.5 pixel toward the star
     reach = min(config.half_size + 0.5, config.isolation - 1.5)
     sums, counts = _within_reach(acc[0], acc[1], oversampling=oversampling, radius=reach)
+    # only the bins within reach hold samples: the deconvolution works on them alone (its
+    # cost goes as the grid's side cubed: 1.7 times faster), the PSF's grid reaching one
+    # pixel kernel beyond them, where only the penalties hold it
     full = acc.shape[-1]
+    cut = max((full - 1) // 2 - math.ceil(reach * oversampling), 0)
+    sums, counts = (a[:, cut:full - cut, cut:full - cut] for a in (sums, counts))
+    if config.pool_zones:
+        sums, counts = pool_zones(sums, counts, n_side=n_side, radius=config.pool_zones)
     options = {k: v for k in ("smoothing", "compactness") if (v := getattr(config, k)) is not None}
-    psf = deconvolve_pixel(sums, counts, oversampling=oversampling, size=full, iterations=config.iterations,
+    psf = deconvolve_pixel(sums, counts, oversampling=oversampling, size=None, iterations=config.iterations,
                            **options)
+    grid = psf.shape[-1]
     psf /= psf.sum(axis=(1, 2), keepdims=True)
-    cut = (full - size) // 2
+    if grid < size:  # the PSF is zero beyond its grid
+        pad = (size - grid) // 2
+        return np.pad(psf, ((0, 0), (pad, pad), (pad, pad))).astype(np.float32)
+    cut = (grid - size) // 2
     return psf[:, cut:cut + size, cut:cut + size].astype(np.float32)
 
 
