@@ -59,6 +59,17 @@ def test_isolation_counts_brighter_neighbours_only():
     flux = np.array([100.0, 5.0, 100.0, 50.0])
     keep = isolated_stars(x, y, flux, np.array([0, 2]), radius=6.0, fraction=0.1)
     assert keep.tolist() == [True, False]
+    # against every pair, on a crowded field (NaN fluxes count as bright neighbours)
+    rng = np.random.default_rng(2)
+    x, y, flux = rng.uniform(0, 100, 600), rng.uniform(0, 100, 600), rng.lognormal(0, 2, 600)
+    flux[::50] = np.nan
+    candidates = np.flatnonzero(flux > 5)
+    near = np.hypot(x[candidates, None] - x, y[candidates, None] - y) <= 6.0
+    brighter = np.where(np.isfinite(flux), flux, np.inf) > 0.1 * flux[candidates, None]
+    near[np.arange(candidates.size), candidates] = False
+    expected = ~np.any(near & brighter, axis=1)
+    assert 0 < expected.sum() < candidates.size
+    np.testing.assert_array_equal(isolated_stars(x, y, flux, candidates, radius=6.0, fraction=0.1), expected)
 
 
 # --- through the repository -----------------------------------------------------------

@@ -107,14 +107,15 @@ def isolated_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, candidates: n
 
     if not candidates.size:
         return np.zeros(0, bool)
-    tree = cKDTree(np.column_stack([x, y]))
     bright = np.where(np.isfinite(flux), flux, np.inf)
-    keep = np.ones(candidates.size, bool)
-    for k, near in enumerate(tree.query_ball_point(np.column_stack([x[candidates], y[candidates]]), radius)):
-        i = candidates[k]
-        near = np.asarray(near, np.int64)
-        keep[k] = not np.any((near != i) & (bright[near] > fraction * flux[i]))
-    return keep
+    # only sources brighter than the faintest candidate's limit can crowd one
+    limit = np.nanmin(flux[candidates]) * fraction if np.isfinite(flux[candidates]).any() else np.inf
+    near = np.flatnonzero(bright > limit)
+    pairs = cKDTree(np.column_stack([x[candidates], y[candidates]])).sparse_distance_matrix(
+        cKDTree(np.column_stack([x[near], y[near]])), radius, output_type="ndarray")
+    k, j = pairs["i"], near[pairs["j"]]
+    crowded = (j != candidates[k]) & (bright[j] > fraction * flux[candidates[k]])
+    return np.bincount(k[crowded], minlength=candidates.size) == 0
 
 
 def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: np.ndarray, y: np.ndarray,
@@ -165,11 +166,11 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
         return acc, stars
     ny, nx = image.shape
     usable = ((flags & np.uint32(mask)) == 0) & np.isfinite(image)
-    clean = usable & ((flags & np.uint32(_flags.Flag.OVERFLOW | _flags.Flag.NONLINEAR)) == 0)
     cy, cx = np.mgrid[-1:2, -1:2]
     jy = np.clip(np.floor(y + 0.5).astype(np.int64)[:, None] + cy.ravel(), 0, ny - 1)
     jx = np.clip(np.floor(x + 0.5).astype(np.int64)[:, None] + cx.ravel(), 0, nx - 1)
-    core_ok = clean[jy, jx].all(axis=1)
+    saturated = (flags[jy, jx] & np.uint32(_flags.Flag.OVERFLOW | _flags.Flag.NONLINEAR)) != 0
+    core_ok = (usable[jy, jx] & ~saturated).all(axis=1)
     # background: the median of a ring just outside the cutout (at least half of it usable)
     dy, dx = _ring_offsets(half_size)
     iy = np.floor(y + 0.5).astype(np.int64)[:, None] + dy
