@@ -131,7 +131,7 @@ def test_psf_of_a_full_size_survey_photometers_like_the_truth(tmp_path):
     fwhm = np.array([np.array(psf_fwhm_2d(p)) / np.array(psf_fwhm_2d(t)) - 1
                      for p, t in zip(solved["PSF"].values[0], truth["PSF"].values[0], strict=True)])
     # measured (x, y): mean +0.4 / +0.3 %, rms 1.9 / 1.7 %, worst 5.6 / 6.9 % (the issue asks for 1 %
-    # in every zone: not met; each zone alone, pool_zones 0: +0.7 %, 3.2 %, 8.7 %)
+    # in every zone: not met; each zone alone, pool_zones 0: +0.7 %, 3.3 / 3.1 %, 8.5 / 8.7 %)
     assert np.all(np.abs(fwhm.mean(axis=0)) < 0.01) and np.all(np.sqrt((fwhm**2).mean(axis=0)) < 0.03)
     l2 = repo.open_level("l2")
     cal = {n: repo.open_calibration(n) for n in ("solid_angle_pixel_map", "spectral_wcs")}

@@ -43,17 +43,19 @@ The solver
 ----------
 Per zone, weighted least squares (weights = counts) plus a smoothness penalty chosen so
 that, for uniform counts, the normal equations are diagonal in a per-axis generalised
-eigenbasis (:func:`_basis`). Conjugate gradients in that basis, preconditioned by the
-uniform-count diagonal, then converge in about ten iterations whatever the scatter of
-the counts, where plain CG would need thousands (the pixel top-hat has exact zeros at
-multiples of 1 cycle per native pixel, which only the penalty controls). Every
-operator is a pair of small dense matrix products for all zones at once (no FFT).
+eigenbasis (:func:`_basis`), and a compactness penalty that is not. Conjugate gradients
+in that basis, preconditioned by the uniform-count diagonal and that of the compactness
+term, converge in tens to hundreds of iterations where plain CG would need thousands
+(the pixel top-hat has exact zeros at multiples of 1 cycle per native pixel, which only
+the penalties control). Every operator is a pair of dense matrix products for a few
+zones at once (no FFT).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numba
@@ -69,6 +71,7 @@ _SMOOTHING = 1.5  # default strength of the deconvolution's smoothness penalty
 _COMPACTNESS = 0.1  # default strength of its compactness penalty [pixel^-4]
 _WIDTH_POWER = 7  # the penalty scales as the PSF width to this power
 _RTOL = 1e-6  # relative residual (preconditioned norm) at which a zone's conjugate gradients stop
+_ZONES_AT_ONCE = 8  # zones solved together
 
 
 # --- stacking --------------------------------------------------------------------------
@@ -431,6 +434,32 @@ def _core_gaussian(sums: np.ndarray, counts: np.ndarray, oversampling: int, *,
     return float(math.exp(best.x)), float(cross / norm)
 
 
+def _conjugate_gradients(normal: Callable[[np.ndarray, np.ndarray], np.ndarray], z: np.ndarray, rhs: np.ndarray,
+                         diag: np.ndarray, stop: np.ndarray, zones: np.ndarray, *, iterations: int) -> None:
+    """Solve ``normal(z, zones) = rhs`` for the planes ``zones`` of ``z`` (in place, from
+    their values there) by conjugate gradients preconditioned with ``diag``, each plane
+    until its squared preconditioned residual is below ``stop``."""
+    resid = rhs[zones] - normal(z[zones], zones)
+    direction = resid / diag[zones]
+    rz = _dot(resid, direction)
+    active = rz > stop[zones]
+    for _ in range(iterations):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        planes, d = zones[idx], direction[idx]
+        a_d = normal(d, planes)
+        alpha = (rz[idx] / _dot(d, a_d))[:, None, None]
+        z[planes] += alpha * d
+        res = resid[idx] - alpha * a_d
+        p = res / diag[planes]
+        rz_new = _dot(res, p)
+        resid[idx] = res
+        direction[idx] = p + (rz_new / rz[idx])[:, None, None] * d
+        rz[idx] = rz_new
+        active[idx] = rz_new > stop[planes]
+
+
 def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int = 10, size: int | None = 101,
                      iterations: int = 1000, smoothing: float = _SMOOTHING,
                      compactness: float = _COMPACTNESS) -> np.ndarray:
@@ -574,31 +603,15 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
     base = core[:, 1, None, None] * g[:, :, None] * g[:, None, :]
     k_mat = _convolution_matrix(_pixel_kernel(o), s_size)
     data = np.where(counts > 0, sums, 0.0) / n
-    everyone = np.arange(n_zones)
     rhs = _sandwich(kv.T, data - weight * _sandwich(k_mat, base, k_mat.T), kv)
-    z = rhs / diag  # the exact answer were the counts uniform
-    resid = rhs - normal(z, everyone)
-    pre = resid / diag
-    direction = pre.copy()
-    rz = _dot(resid, pre)
     full = _sandwich(kv.T, data, kv)  # the tolerance is relative to the whole PSF's
     stop = _dot(full, full / diag) * _RTOL**2
-    active = has_data & (rz > stop)
-    for _ in range(int(iterations)):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        d = direction[idx]
-        a_d = normal(d, idx)
-        alpha = rz[idx] / _dot(d, a_d)
-        z[idx] += alpha[:, None, None] * d
-        res = resid[idx] - alpha[:, None, None] * a_d
-        p = res / diag[idx]
-        rz_new = _dot(res, p)
-        resid[idx], pre[idx] = res, p
-        direction[idx] = p + (rz_new / rz[idx])[:, None, None] * d
-        rz[idx] = rz_new
-        active[idx] = rz_new > stop[idx]
+    z = rhs / diag  # the exact answer were the counts uniform
+    # a few zones at a time: their working arrays stay in the cache (1.4 times faster
+    # than all zones in each product)
+    for first in range(0, n_zones, _ZONES_AT_ONCE):
+        group = np.arange(first, min(first + _ZONES_AT_ONCE, n_zones))
+        _conjugate_gradients(normal, z, rhs, diag, stop, group[has_data[group]], iterations=int(iterations))
 
     centre = (s_size - 1) // 2 + (kv.shape[1] - s_size) // 2
     lo = centre - (size - 1) // 2
