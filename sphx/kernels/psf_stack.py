@@ -492,8 +492,9 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
         of any width and stacks of any depth. Raise it for noisy stacks, at the price
         of a broader core (see Notes).
     compactness
-        Strength of a penalty on the PSF's extent, ``compactness sum (r / 1 pixel)^4
-        P^2`` (>= 0, in units of the data term with weights of mean 1). The pixel
+        Strength of a penalty on the extent of the PSF less its core Gaussian,
+        ``compactness sum (r / 1 pixel)^4 (P - P0)^2`` (>= 0, in units of the data term
+        with weights of mean 1; see Notes). The pixel
         cannot see patterns periodic with one native pixel; a compact PSF can only
         contain them in the combination its Fourier neighbours imply, and this term
         picks that one instead of the zero the smoothness penalty would choose, which
@@ -511,14 +512,14 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
     Per zone, with ``c`` the counts, ``m = sums / c``, ``n = mean(c)`` and ``K`` the
     separable pixel kernel (:func:`_pixel_kernel`), it minimises
 
-        ``sum_k c_k (K P K^T - m)_k^2 + lambda [tr(Q^T G Q C) + tr(Q C Q^T G)]``,
-        ``Q = P - P0``,
+        ``sum_k c_k (K P K^T - m)_k^2 + lambda [tr(Q^T G Q C) + tr(Q C Q^T G)]``
 
-    with ``P0`` the Gaussian which, integrated over pixels, best fits the stack's core
-    (:func:`_core_gaussian`), ``G = D^T D`` (``D`` the second difference) and ``C = K^T K / o^2 + G``: the
-    squared second differences of ``P`` along one axis, after smoothing by the pixel
-    along the other (plus a small mixed fourth-difference term), and ``lambda =
-    smoothing sqrt(n) w^7 o^8 / (2 pi)^4``. Two choices there are empirical. The
+    plus the compactness term, with ``Q = P - P0``, ``P0`` the Gaussian which, integrated
+    over pixels, best fits the stack's core (:func:`_core_gaussian`), ``G = D^T D`` (``D``
+    the second difference) and ``C = K^T K / o^2 + G``: the squared second differences
+    of ``Q`` along one axis, after smoothing by the pixel along the other (plus a small
+    mixed fourth-difference term), and ``lambda = smoothing sqrt(n) w^7 o^8 / (2
+    pi)^4``. Two choices there are empirical. The
     penalty grows as the square root of the number of samples where the data term
     grows linearly: more stars, less smoothing, at the rate that kept the core-width
     error near its minimum from ~10 to ~400 samples per bin. And the ``w^4`` puts the
