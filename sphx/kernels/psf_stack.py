@@ -623,19 +623,10 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
 
 
 # --- measurement -----------------------------------------------------------------------
-def _profile_fwhm(profile: np.ndarray, *, peak: int | None = None) -> float:
-    """FWHM [bins] of a 1-d peaked profile: half-maximum crossings of a cubic spline.
-
-    The peak is the brightest bin, or the brightest within 5 bins of ``peak``.
-    """
-    if peak is None:
-        peak_i = int(np.nanargmax(profile))
-    else:
-        lo = max(peak - 5, 0)
-        window = profile[lo:peak + 6]
-        if not np.isfinite(window).any():
-            return math.nan
-        peak_i = lo + int(np.nanargmax(window))
+def _profile_fwhm(profile: np.ndarray) -> float:
+    """FWHM [bins] of a 1-d peaked profile (around its brightest bin): half-maximum
+    crossings of a cubic spline."""
+    peak_i = int(np.nanargmax(profile))
     finite = np.isfinite(profile)
     # the contiguous finite run around the peak
     lo = peak_i
