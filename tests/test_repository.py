@@ -251,6 +251,25 @@ def test_selection_on_open(repo, raw):
     with pytest.raises(SelectionError, match=r"band\(s\) \[7\] not in level 'raw'"):
         repo.open_level("raw", bands=[7])
 
+    # a selection that matches nothing is an empty cube, not an error from dask's chunking
+    assert repo.open_level("raw", obs=[10**9]).sizes["obs"] == 0
+
+
+def test_read_images_now_matches_the_lazy_cube(repo, raw):
+    repo.write_level("raw", raw)
+    keys = raw["obs"].values.tolist()
+    lazy = repo.open_level("raw")
+    for obs in ([keys[0], keys[1]], [keys[2], keys[0]]):  # a slice of the store, and out of order
+        got = repo.read_images("raw", ["IMAGE", "FLAGS"], band=2, obs=obs)
+        for name in ("IMAGE", "FLAGS"):
+            np.testing.assert_array_equal(got[name], lazy[name].sel(band=2, obs=obs).values)
+    with pytest.raises(SelectionError, match=r"band 7 not in level 'raw'"):
+        repo.read_images("raw", ["IMAGE"], band=7, obs=keys[:1])
+    with pytest.raises(SelectionError, match=r"observation\(s\) \[1\] not in level 'raw'"):
+        repo.read_images("raw", ["IMAGE"], band=2, obs=[keys[0], 1])
+    # band 3 was never written: its images are absent
+    with pytest.raises(SelectionError, match=r"no complete image of band 3 for observation\(s\)"):
+        repo.read_images("raw", ["IMAGE"], band=3, obs=keys[:1])
 
 def test_calibration_products_are_versioned(repo, truth):
     g1 = gain_product(truth.gains, [1, 2, 4])

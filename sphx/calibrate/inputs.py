@@ -17,7 +17,7 @@ from ..instrument import Instrument
 from ..io.repository import Repository
 from ..wcs import cube_wcs
 
-__all__ = ["SolverInputs", "band_maps", "batch_catalog", "catalog_epoch", "open_inputs"]
+__all__ = ["SolverInputs", "band_maps", "batch_catalog", "catalog_epoch", "open_inputs", "read_images"]
 
 T = TypeVar("T")
 
@@ -153,6 +153,19 @@ def open_inputs(repo: Repository, variables: Mapping[str, str], *, spectral_wcs:
         raise CalibrationError(f"spectral_wcs has no band(s) {missing}")
     # the wavelength maps define channels and zones when the graph is built: read them now
     return SolverInputs(out, present, spectral_wcs.sel(band=bands).load(), dict(variables), repo.instrument)
+
+
+def read_images(repo: Repository, levels: Mapping[str, str], *, band: int,
+                obs: Sequence[int]) -> dict[str, np.ndarray]:
+    """Variables of some images of one band, read now (in the task that works on them):
+    ``levels`` maps each variable to its level; (len(obs), y, x) arrays as stored."""
+    by_level: dict[str, list[str]] = {}
+    for name, level in levels.items():
+        by_level.setdefault(level, []).append(name)
+    out: dict[str, np.ndarray] = {}
+    for level, names in by_level.items():
+        out.update(repo.read_images(level, names, band=band, obs=obs))
+    return out
 
 
 def band_maps(inputs: SolverInputs, fn: Callable[[int, np.ndarray], T]) -> list[T]:

@@ -45,7 +45,7 @@ from ..io.repository import Repository
 from ..kernels.psf_stack import deconvolve_pixel, pool_zones, stack_grid_size, stack_stars
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
 from ..wcs import cube_wcs
-from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch
+from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch, read_images
 from .run import Solver, register_solver
 
 __all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image"]
@@ -192,24 +192,24 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
     return acc, stars
 
 
-def _stack_batch(images, variances, flags, meta, location, band, zone_x, zone_y, omega, cwave, oversampling, epoch,
-                 config, previous):
-    """The task of a batch of images: their (1, 1, y, x) pixel blocks and per-image
-    numbers (``meta``), stacked onto a copy of the ``previous`` batch's accumulators of
-    the chain (None: zeros). The catalogue is read once for the batch
-    (:func:`~sphx.calibrate.inputs.batch_catalog`; ``epoch`` None: each image reads the
-    whole catalogue)."""
-    from ..io.repository import open_repository
-
+def _stack_batch(repo, levels, meta, band, zone_x, zone_y, omega, cwave, oversampling, epoch, config, previous):
+    """The task of a batch of images (``meta``: their per-image numbers): their pixels
+    read (``levels``: variable -> level) and stacked onto a copy of the ``previous``
+    batch's accumulators of the chain (None: zeros). The images are read here, not by
+    tasks of their own, which a scheduler would run ahead of their chain (every image of
+    the band in memory before the first stacking). The catalogue is read once for the
+    batch (:func:`~sphx.calibrate.inputs.batch_catalog`; ``epoch`` None: each image reads
+    the whole catalogue)."""
     size = stack_grid_size(half_size=config.half_size, oversampling=oversampling)
     # a copy, not the previous result itself: a task run again must find its input as it was
     out = (previous[0].copy(), previous[1].copy()) if previous is not None else \
         (np.zeros((2, zone_x.size, size, size)), np.zeros(zone_x.size, np.int64))
-    refcat = open_repository(location).open_table("refcat") if epoch is None else \
-        batch_catalog(location, meta, band=band, epoch=epoch)
-    for k, obs in enumerate(meta["obs"].values):
-        _stack_one(images[k][0, 0], variances[k][0, 0], flags[k][0, 0], meta.isel(obs=[k]), refcat, band, int(obs),
-                   zone_x, zone_y, omega, cwave, oversampling, config, out)
+    obs = [int(o) for o in meta["obs"].values]
+    pixels = read_images(repo, levels, band=band, obs=obs)
+    refcat = repo.open_table("refcat") if epoch is None else batch_catalog(repo.location, meta, band=band, epoch=epoch)
+    for k, o in enumerate(obs):
+        _stack_one(pixels["IMAGE"][k], pixels["VARIANCE"][k], pixels["FLAGS"][k], meta.isel(obs=[k]), refcat, band,
+                   o, zone_x, zone_y, omega, cwave, oversampling, config, out)
     return out
 
 
@@ -346,7 +346,7 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
     usable = inputs.usable(require_astrometry=c.require_astrometry)
     # per-image numbers (WCS, times): small, read now so that the tasks carry them
     meta = inputs.image_metadata().load()
-    blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS"))
+    levels = {n: inputs.levels[n] for n in ("IMAGE", "VARIANCE", "FLAGS")}
     epoch = catalog_epoch(repo.open_table("refcat"))
     planes, counts = [], []
     for i, band in enumerate(inputs.bands):
@@ -362,8 +362,7 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
             group = use[first:first + c.batch]
             m = meta.isel(band=[i], obs=group)
             heads[k % c.chains] = dask.delayed(_stack_batch)(
-                *([blocks[n][i, j, 0, 0] for j in group] for n in ("IMAGE", "VARIANCE", "FLAGS")), m,
-                repo.location, int(band), zone_x, zone_y, omega, cwave, over, epoch, c, heads[k % c.chains],
+                repo, levels, m, int(band), zone_x, zone_y, omega, cwave, over, epoch, c, heads[k % c.chains],
                 dask_key_name=f"psf-stack-{int(m['obs'].values[0])}-D{band}")
         if heads[0] is None:
             raise CalibrationError(f"band {band}: no image with fine astrometry to stack stars from")

@@ -193,7 +193,7 @@ def _select(var: xr.Variable, band_idx: np.ndarray, obs_idx: np.ndarray, chunks:
         if idx is None or (idx.size == data.shape[axis] and np.array_equal(idx, np.arange(idx.size))):
             continue
         picker = (slice(None),) * axis + (idx,)
-        data = data.blocks[picker] if want[dim] == 1 else data[picker]
+        data = data.blocks[picker] if want[dim] == 1 and idx.size else data[picker]
     return xr.Variable(var.dims, data, var.attrs, var.encoding)
 
 
@@ -423,6 +423,51 @@ class LevelStore:
                     masked = ds[name].where(keep, _fill(ds[name].dtype, str(name)))
                     ds[name] = masked.astype(ds[name].dtype).assign_attrs(ds[name].attrs)
         return ds
+
+    def read_images(self, names: Sequence[str], *, band: int, obs: Sequence[int]) -> dict[str, np.ndarray]:
+        """Read the pixels of some complete images of one band now, straight from Zarr.
+
+        For a task that reads what it works on: its inputs are never separate tasks
+        that a scheduler could run ahead of it, holding images in memory.
+
+        Parameters
+        ----------
+        names
+            Pixel variables.
+        band
+            Detector.
+        obs
+            Observation keys (the ``obs`` coordinate).
+
+        Returns
+        -------
+        dict
+            (len(obs), y, x) arrays as stored, in the order of ``obs``.
+
+        Raises
+        ------
+        SelectionError
+            If the band or an observation is not stored, or an image is absent or
+            incomplete.
+        """
+        self._require()
+        idx = self.read_index()
+        bands, keys = idx.bands.tolist(), {k: i for i, k in enumerate(idx.keys.tolist())}
+        if band not in bands:
+            raise SelectionError(f"band {band} not in level {self.name!r} (bands {bands})")
+        missing = [o for o in obs if o not in keys]
+        if missing:
+            raise SelectionError(f"observation(s) {missing} not in level {self.name!r}")
+        b, pos = bands.index(band), np.array([keys[o] for o in obs], dtype=np.int64)
+        absent = [o for o, p in zip(obs, pos.tolist(), strict=True) if idx.write_id[b, p] <= 0]
+        if absent:
+            raise SelectionError(f"level {self.name!r} has no complete image of band {band} for observation(s) "
+                                 f"{absent}")
+        g = self._group()
+        # consecutive observations (the usual batch) as one slice
+        picker = slice(int(pos[0]), int(pos[-1]) + 1) if pos.size and np.array_equal(
+            pos, np.arange(pos[0], pos[0] + pos.size)) else pos
+        return {n: g[n].get_orthogonal_selection((b, picker)) for n in names}
 
     # -------------------------------------------------------------------- write --
     def write(

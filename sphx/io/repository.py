@@ -197,6 +197,12 @@ class Repository:
         return self._level(name).write(cube, overwrite=overwrite, provenance=provenance, progress=progress,
                                        also=also)
 
+    def read_images(self, name: str, variables: Sequence[str], *, band: int,
+                    obs: Sequence[int]) -> dict[str, np.ndarray]:
+        """Pixels of some complete images of level ``name``, read now (see
+        :meth:`LevelStore.read_images`): (len(obs), y, x) per variable."""
+        return self._level(name).read_images(variables, band=band, obs=obs)
+
     def image_presence(self, name: str) -> xr.DataArray:
         """(band, obs) True where level ``name`` holds a complete image (index only, no pixels)."""
         store = self._level(name)
