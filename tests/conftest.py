@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +95,43 @@ def survey(survey_path, tmp_path):
     dest = tmp_path / "survey"
     shutil.copytree(survey_path, dest)
     return open_repository(dest)
+
+
+def _dask_cli(*args):
+    exe = shutil.which("dask")
+    return [exe, *args] if exe else [sys.executable, "-m", "dask", *args]
+
+
+@pytest.fixture
+def loopback_cluster(tmp_path):
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1."""
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen(
+        _dask_cli("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                  "--scheduler-file", str(sched_file)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        for _ in range(300):
+            if sched_file.exists() and sched_file.stat().st_size:
+                break
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                _dask_cli("worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
+                          "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address, sched_file
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -97,6 +97,24 @@ def test_batches_and_chains_do_not_change_the_stack(psf_repo):
     np.testing.assert_allclose(many["PSF"].values, one["PSF"].values, rtol=0, atol=1e-3 * peak)
 
 
+def test_psf_on_a_real_scheduler_equals_the_threaded_run(psf_repo, loopback_cluster):
+    # the stacking tasks read their images themselves, on the workers, from the repository
+    # (one deconvolution iteration: the stacks are what the workers make, and the
+    # converged deconvolution would amplify the round-off of BLAS differences)
+    from distributed import Client
+
+    spec = get_solver("psf")
+    cal = {n: psf_repo.open_calibration(n) for n in ("average_psf", "solid_angle_pixel_map", "spectral_wcs")}
+    inputs = open_inputs(psf_repo, spec.reads, spectral_wcs=cal["spectral_wcs"], extra=spec.extra)
+    product = estimate_psf(psf_repo, inputs, PsfConfig(min_stars=1, batch=4, chains=2, iterations=1), calibrations=cal)
+    here = product["average_psf"].compute(scheduler="threads")
+    with Client(loopback_cluster[0]) as client:
+        there = client.compute(product["average_psf"]).result()
+    np.testing.assert_array_equal(there["N_STARS"].values, here["N_STARS"].values)
+    assert here["N_STARS"].values.sum() > 1500
+    np.testing.assert_allclose(there["PSF"].values, here["PSF"].values, rtol=0, atol=1e-6 * here["PSF"].values.max())
+
+
 def test_too_few_stars_per_zone_is_an_error(psf_repo):
     with pytest.raises(CalibrationError, match=r"at least 100000 isolated stars per zone .* has \d+"):
         run_solver(psf_repo, "psf", {"min_stars": 100000}, log=lambda s: None)

@@ -175,7 +175,7 @@ def run_solver(
     repository
         Repository holding the input levels, tables and calibration products.
     solver
-        ``dark_flat`` or ``abs_gain``.
+        A registered solver: ``dark_flat``, ``abs_gain`` or ``psf``.
     config
         The solver's config model or a mapping of its fields (unknown keys are errors).
     select
