@@ -82,6 +82,22 @@ def test_psf_graph_is_lazy(psf_repo):
     assert product["PSF"].shape == (1, 121, 101, 101)
 
 
+def test_each_batch_is_stacked_once(psf_repo, monkeypatch):
+    # a dask array handed to a delayed function gets a graph of its own: the band's stacks
+    # were once computed a second time for N_STARS
+    import sphx.calibrate.psf as psf_module
+
+    stacked = []
+    real = psf_module._stack_batch
+    monkeypatch.setattr(psf_module, "_stack_batch", lambda *a: stacked.append(a[2]["obs"].values[0]) or real(*a))
+    spec = get_solver("psf")
+    cal = {n: psf_repo.open_calibration(n) for n in ("average_psf", "solid_angle_pixel_map", "spectral_wcs")}
+    inputs = open_inputs(psf_repo, spec.reads, spectral_wcs=cal["spectral_wcs"], extra=spec.extra)
+    config = PsfConfig(min_stars=1, batch=8, chains=2, iterations=1)
+    estimate_psf(psf_repo, inputs, config, calibrations=cal)["average_psf"].compute(scheduler="threads")
+    assert len(stacked) == len(set(stacked)) == 4  # 32 images in batches of 8
+
+
 def test_batches_and_chains_do_not_change_the_stack(psf_repo):
     # 32 images: one batch in one chain, against batches of 3 carried along 2 chains (each
     # chain adds several batches onto the accumulator it was handed)

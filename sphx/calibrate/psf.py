@@ -368,7 +368,9 @@ def estimate_psf(repo: Repository, inputs: SolverInputs, config: PsfConfig | Non
             raise CalibrationError(f"band {band}: no image with fine astrometry to stack stars from")
         total = dask.delayed(_add_accumulators)([h for h in heads if h is not None])
         n = da.from_delayed(total[1], (n_zones,), np.int64)
-        plane = dask.delayed(_finish)(total[0], n, size=size, oversampling=over, config=c, band=int(band),
+        # total[1], not the array n: a dask array handed to a delayed function is finalised
+        # in a graph of its own, and ``total`` (all of the band's stacking) computed twice
+        plane = dask.delayed(_finish)(total[0], total[1], size=size, oversampling=over, config=c, band=int(band),
                                       n_side=np.unique(zone_x).size)
         planes.append(da.from_delayed(plane, (n_zones, size, size), np.float32))
         counts.append(n)
