@@ -14,7 +14,7 @@ weights (outliers clipped at ``clip`` sigma) into the gain function
 
     ``ABS_GAIN = g(CWAVE) / FLAT``    [MJy s / (electron sr)]
 
-Graph: one task per image returns its calibrators' ratios (a few kB); one task per band
+Graph: one task per image reads it and returns its calibrators' ratios (a few kB); one task per band
 combines them. The work per image that does not depend on the image is shared: one task
 per band builds the photometry templates of the PSF, and one task per ``batch`` images
 reads the reference catalogue over all of them (the calibrators and the sources near
@@ -46,7 +46,7 @@ from ..kernels.select import median
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog, photometer_image
 from ..simulate.sky import sed_flux
 from ..wcs import cube_wcs
-from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch
+from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch, read_images
 from .run import Solver, register_solver
 
 __all__ = ["AbsGainConfig", "calibrator_ratios", "estimate_abs_gain", "gain_function"]
@@ -280,23 +280,22 @@ def _one_numba_thread() -> Iterator[None]:
         numba.set_num_threads(threads)
 
 
-def _measure(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, zodi: np.ndarray, meta: xr.Dataset,
-             location: str, band: int, obs: int, dark: np.ndarray, flat: np.ndarray, a0: float,
-             calibrations: dict[str, xr.Dataset], bank: TemplateBank, catalog: pa.Table | None,
-             config: AbsGainConfig) -> pa.Table:
-    """The task of one image: its (1, 1, y, x) pixel blocks, the per-image numbers of its
+def _measure(repo: Repository, levels: dict[str, str], meta: xr.Dataset, band: int, obs: int, dark: np.ndarray,
+             flat: np.ndarray, a0: float, calibrations: dict[str, xr.Dataset], bank: TemplateBank,
+             catalog: pa.Table | None, config: AbsGainConfig) -> pa.Table:
+    """The task of one image: its pixels read here (``levels``: variable -> level; not
+    tasks of their own, which a scheduler would run ahead), the per-image numbers of its
     batch (``meta``), and the batch's catalogue rows (:func:`_batch_catalog`; None: read
     the whole catalogue)."""
-    from ..io.repository import open_repository
-
-    cube = _image_cube(meta.sel(obs=[obs]), image, variance, flags)
+    pixels = read_images(repo, levels, band=band, obs=[obs])
+    cube = _image_cube(meta.sel(obs=[obs]), *(pixels[n][None] for n in ("IMAGE", "VARIANCE", "FLAGS")))
     # the batch's rows, or (a catalogue whose rows have different epochs) the whole catalogue
-    refcat = catalog if catalog is not None else open_repository(location).open_table("refcat")
+    refcat = catalog if catalog is not None else repo.open_table("refcat")
     # every column: the calibrators' spectra are needed
     catalog = image_catalog(refcat, cube, band=band, obs=obs, columns=None)
     with _one_numba_thread():
-        return calibrator_ratios(cube, catalog, band=band, obs=obs, dark=dark, flat=flat, a0=a0, zodi=zodi[0, 0],
-                                 calibrations=calibrations, config=config, bank=bank)
+        return calibrator_ratios(cube, catalog, band=band, obs=obs, dark=dark, flat=flat, a0=a0,
+                                 zodi=pixels["ZODI"][0], calibrations=calibrations, config=config, bank=bank)
 
 
 def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainConfig | None = None, *,
@@ -331,7 +330,7 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
     meta = inputs.image_metadata()
     meta = meta.drop_vars([n for n in meta.coords if n not in meta.indexes and n not in ("obsid", "mjd_avg")]).load()
     meta.attrs = {}
-    blocks = inputs.image_blocks(("IMAGE", "VARIANCE", "FLAGS", "ZODI"))
+    levels = {n: inputs.levels[n] for n in ("IMAGE", "VARIANCE", "FLAGS", "ZODI")}
     epoch = catalog_epoch(repo.open_table("refcat"))
     oversampling = int(small["average_psf"].attrs.get("oversampling", 10))
     per_band = []
@@ -351,10 +350,9 @@ def estimate_abs_gain(repo: Repository, inputs: SolverInputs, config: AbsGainCon
             catalog = None if epoch is None else dask.delayed(_batch_catalog)(
                 repo.location, m, band=int(band), epoch=epoch, config=c,
                 dask_key_name=f"abs-gain-refcat-{int(m['obs'].values[0])}-D{band}")
-            for j, obs in zip(group, m["obs"].values, strict=True):
+            for obs in m["obs"].values:
                 tasks.append(dask.delayed(_measure)(
-                    *(blocks[n][i, j, 0, 0] for n in ("IMAGE", "VARIANCE", "FLAGS", "ZODI")), m, repo.location,
-                    int(band), int(obs), d_dark, d_flat, a0, band_cal, bank, catalog, c,
+                    repo, levels, m, int(band), int(obs), d_dark, d_flat, a0, band_cal, bank, catalog, c,
                     dask_key_name=f"abs-gain-{obs}-D{band}"))
         edges = repo.instrument.channel_edges(int(band))
         per_band.append(dask.delayed(_band_gain)(tasks, edges=edges, a0=a0, config=c, band=int(band),

@@ -80,10 +80,6 @@ class SolverInputs:
         px = self.pixels
         return px.drop_vars([n for n, v in px.variables.items() if "y" in v.dims and n not in px.indexes])
 
-    def image_blocks(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """One delayed (1, 1, y, x) block per image of each variable, indexed [band, obs, 0, 0]."""
-        return {n: self.pixels[n].data.rechunk((1, 1, -1, -1)).to_delayed() for n in names}
-
     def provenance(self) -> dict[str, Any]:
         obsid = self.pixels["obsid"].values
         return {"levels": self.levels, "images": self.n_images(),

@@ -20,11 +20,14 @@ A star's catalogue flux only scales its samples: an error in it (or in the absol
 gain) adds scatter to the stack, not a change of shape, and the final normalisation
 removes the scale.
 
-Graph: one task per ``batch`` images reads the catalogue once for all of them and
-stacks their stars onto a (2, zones, S, S) float64 accumulator (sums and counts) and
+Graph: one task per ``batch`` images reads them (:meth:`Repository.read_images
+<sphx.io.repository.Repository.read_images>`) and the catalogue, once for all of them,
+and stacks their stars onto a (2, zones, S, S) float64 accumulator (sums and counts) and
 per-zone star counts, carried from batch to batch along ``chains`` chains per band; the
 chains are added and deconvolved per band. Memory is ``chains`` accumulators (~23 MB
-each for 121 zones) per band and a batch's catalogue, whatever the number of images.
+each for 121 zones) per band and a batch's images and catalogue per thread, whatever
+the number of images: the images are not tasks of their own, which a scheduler runs
+ahead of the chains.
 """
 
 from __future__ import annotations
