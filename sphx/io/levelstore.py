@@ -451,22 +451,23 @@ class LevelStore:
             incomplete.
         """
         self._require()
-        idx = self.read_index()
-        bands, keys = idx.bands.tolist(), {k: i for i, k in enumerate(idx.keys.tolist())}
+        g = self._group()
+        # the index arrays this needs, not read_index's five: a task per image pays for each
+        bands, keys = g["band"][:].tolist(), {k: i for i, k in enumerate(g["obs"][:].tolist())}
         if band not in bands:
             raise SelectionError(f"band {band} not in level {self.name!r} (bands {bands})")
         missing = [o for o in obs if o not in keys]
         if missing:
             raise SelectionError(f"observation(s) {missing} not in level {self.name!r}")
         b, pos = bands.index(band), np.array([keys[o] for o in obs], dtype=np.int64)
-        absent = [o for o, p in zip(obs, pos.tolist(), strict=True) if idx.write_id[b, p] <= 0]
-        if absent:
-            raise SelectionError(f"level {self.name!r} has no complete image of band {band} for observation(s) "
-                                 f"{absent}")
-        g = self._group()
         # consecutive observations (the usual batch) as one slice
         picker = slice(int(pos[0]), int(pos[-1]) + 1) if pos.size and np.array_equal(
             pos, np.arange(pos[0], pos[0] + pos.size)) else pos
+        absent = [o for o, w in zip(obs, np.atleast_1d(g["write_id"].get_orthogonal_selection((b, picker))).tolist(),
+                                    strict=True) if w <= 0]
+        if absent:
+            raise SelectionError(f"level {self.name!r} has no complete image of band {band} for observation(s) "
+                                 f"{absent}")
         return {n: g[n].get_orthogonal_selection((b, picker)) for n in names}
 
     # -------------------------------------------------------------------- write --
