@@ -359,6 +359,7 @@ class _Basis(NamedTuple):
     kv: np.ndarray  # (S, N) K V: the stack model is kv Z kv^T
     mu: np.ndarray  # (N,) V^T G V, in [0, 1]
     beta: np.ndarray  # (N,) V^T B V = o^2 (1 - mu)
+    k: np.ndarray  # (S, N) K, the pixel kernel: the stack model of a PSF P is K P K^T
 
 
 @functools.lru_cache(maxsize=8)
@@ -375,7 +376,7 @@ def _basis(oversampling: int, s_size: int) -> _Basis:
     g_mat = d_mat.T @ d_mat
     mu, vec = scipy.linalg.eigh(g_mat, k_mat.T @ k_mat / o**2 + g_mat)
     mu = np.clip(mu, 0.0, 1.0)  # rounding only
-    out = _Basis(vec, k_mat @ vec, mu, o**2 * (1.0 - mu))
+    out = _Basis(vec, k_mat @ vec, mu, o**2 * (1.0 - mu), k_mat)
     for a in out:
         a.flags.writeable = False
     return out
@@ -602,9 +603,8 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
     # the penalties act on the PSF less its core Gaussian (see Notes)
     g = np.stack([_gaussian_bins(r, w, 1.0 / o) for w in width])
     base = core[:, 1, None, None] * g[:, :, None] * g[:, None, :]
-    k_mat = _convolution_matrix(_pixel_kernel(o), s_size)
     data = np.where(counts > 0, sums, 0.0) / n
-    rhs = _sandwich(kv.T, data - weight * _sandwich(k_mat, base, k_mat.T), kv)
+    rhs = _sandwich(kv.T, data - weight * _sandwich(basis.k, base, basis.k.T), kv)
     full = _sandwich(kv.T, data, kv)  # the tolerance is relative to the whole PSF's
     stop = _dot(full, full / diag) * _RTOL**2
     z = rhs / diag  # the exact answer were the counts uniform
