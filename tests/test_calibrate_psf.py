@@ -164,9 +164,9 @@ def test_psf_of_a_full_size_survey_photometers_like_the_truth(tmp_path):
     assert solved["N_STARS"].values.min() >= 900
     fwhm = np.array([np.array(psf_fwhm_2d(p)) / np.array(psf_fwhm_2d(t)) - 1
                      for p, t in zip(solved["PSF"].values[0], truth["PSF"].values[0], strict=True)])
-    # measured (x, y): mean +0.4 / +0.3 %, rms 1.9 / 1.7 %, worst 5.6 / 6.9 % (the issue asks for 1 %
-    # in every zone: not met; each zone alone, pool_zones 0: +0.7 %, 3.3 / 3.1 %, 8.5 / 8.7 %)
-    assert np.all(np.abs(fwhm.mean(axis=0)) < 0.01) and np.all(np.sqrt((fwhm**2).mean(axis=0)) < 0.03)
+    # the issue's requirement: within 1 % in every zone. Measured (x, y): mean -0.25 / -0.20 %, rms
+    # 0.28 / 0.26 %, worst 0.49 / 0.43 % (each zone deconvolved alone: rms 3.3 / 3.1 %, worst 8.5 / 8.7 %)
+    assert np.abs(fwhm).max() < 0.01, fwhm
     l2 = repo.open_level("l2")
     cal = {n: repo.open_calibration(n) for n in ("solid_angle_pixel_map", "spectral_wcs")}
     ratios = []

@@ -7,14 +7,15 @@ stacked at their sub-pixel offsets onto a 10x oversampled grid, one per PSF zone
 nearest zone centre; :func:`sphx.kernels.psf_stack.stack_stars`). The stack is the
 pixel-convolved (effective) PSF. Per band, the bins beyond the isolation radius are
 dropped and the background left at the edge of what remains is taken off
-(:func:`_within_reach`). Each zone's stack is then replaced, bin by bin, by a plane
-fitted across the zones within ``pool_zones`` (1) of it
-(:func:`sphx.kernels.psf_stack.pool_zones`): the PSF varies smoothly over the detector,
-and the 3 x 3 zones' stars nearly halve the scatter of the zones' widths. The pixel response is
-deconvolved iteratively (:func:`sphx.kernels.psf_stack.deconvolve_pixel`), and the PSF
-normalised to unit flux and cut to the product's 101 x 101 stamp, so that each plane
-holds the fraction of the flux per oversampled pixel, as the archive's ``average_psf``
-does.
+(:func:`_within_reach`). The PSF of every zone is then a core + halo model plus one
+correction shared by the zones (:func:`sphx.kernels.psf_stack.deconvolve_zones`): each
+zone's stack is fitted by two concentric elliptical Gaussians integrated over the pixel,
+whose parameters are smoothed over the detector by polynomials of ``field_degree`` (3),
+and the zones' residuals from their models, added over all zones, are deconvolved from
+the pixel response once per band (:func:`sphx.kernels.psf_stack.deconvolve_pixel`). The
+PSF is normalised to unit flux and cut to the product's 101 x 101 stamp, so that each
+plane holds the fraction of the flux per oversampled pixel, as the archive's
+``average_psf`` does.
 
 A star's catalogue flux only scales its samples: an error in it (or in the absolute
 gain) adds scatter to the stack, not a change of shape, and the final normalisation
@@ -45,7 +46,7 @@ from ..astrometry.catalog import CATALOG_WAVELENGTHS, F0, KIND, catalog_array, i
 from ..ephemeris import julian_year
 from ..errors import CalibrationError
 from ..io.repository import Repository
-from ..kernels.psf_stack import deconvolve_pixel, pool_zones, stack_grid_size, stack_stars
+from ..kernels.psf_stack import deconvolve_zones, stack_grid_size, stack_stars
 from ..level3.photometry import PHOTOMETRY_MASK, image_catalog
 from ..wcs import cube_wcs
 from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch, read_images
@@ -67,12 +68,12 @@ class PsfConfig(pydantic.BaseModel):
     max_neighbour: float = pydantic.Field(0.1, gt=0, description="neighbours fainter than this fraction are allowed")
     min_snr: float = pydantic.Field(50.0, ge=0, description="star flux over one pixel's noise; fainter are not used")
     min_stars: int = pydantic.Field(1000, ge=1, description="stars per zone; fewer is an error")
-    iterations: int = pydantic.Field(400, ge=1, description="most deconvolution iterations")
+    iterations: int = pydantic.Field(2000, ge=1, description="most deconvolution iterations")
     smoothing: float | None = pydantic.Field(None, gt=0, description="deconvolution smoothness (None: default)")
     compactness: float | None = pydantic.Field(None, ge=0, description="deconvolution compactness (None: default)")
     require_astrometry: bool = True
-    pool_zones: int = pydantic.Field(
-        1, ge=0, description="[zones] each zone's stack is a plane fitted across the zones this near (0: alone)")
+    field_degree: int = pydantic.Field(
+        3, ge=0, le=5, description="degree of the core + halo model's polynomials over the detector")
     batch: int = pydantic.Field(16, ge=1, description="images per task (one catalogue read)")
     chains: int = pydantic.Field(4, ge=1, description="accumulators per band (23 MB each), added to in turn")
 
@@ -304,11 +305,9 @@ def _finish(acc: np.ndarray, stars: np.ndarray, *, size: int, oversampling: int,
     full = acc.shape[-1]
     cut = max((full - 1) // 2 - math.ceil(reach * oversampling), 0)
     sums, counts = (a[:, cut:full - cut, cut:full - cut] for a in (sums, counts))
-    if config.pool_zones:
-        sums, counts = pool_zones(sums, counts, n_side=n_side, radius=config.pool_zones)
     options = {k: v for k in ("smoothing", "compactness") if (v := getattr(config, k)) is not None}
-    psf = deconvolve_pixel(sums, counts, oversampling=oversampling, size=None, iterations=config.iterations,
-                           **options)
+    psf = deconvolve_zones(sums, counts, n_side=n_side, oversampling=oversampling, degree=config.field_degree,
+                           iterations=config.iterations, **options)
     grid = psf.shape[-1]
     psf /= psf.sum(axis=(1, 2), keepdims=True)
     if grid < size:  # the PSF is zero beyond its grid

@@ -14,6 +14,10 @@ Symons et al. (2021):
    a top-hat of one native pixel, separably in x and y. :func:`deconvolve_pixel` solves
    that for ``P`` by weighted least squares (weights = sample counts) with a light
    smoothness penalty, by preconditioned conjugate gradients.
+3. **Over the detector.** :func:`deconvolve_zones` models every zone's PSF as a core +
+   halo function whose parameters vary smoothly over the detector, plus one correction
+   shared by the zones and deconvolved from all their stars: the pixel hides what makes
+   the width of a narrow core, and a zone's stars alone leave it uncertain by ~3 %.
 
 Grids and conventions
 ---------------------
@@ -65,7 +69,8 @@ import scipy.optimize
 import scipy.special
 from scipy.interpolate import CubicSpline
 
-__all__ = ["deconvolve_pixel", "effective_psf", "pool_zones", "psf_fwhm_2d", "stack_grid_size", "stack_stars"]
+__all__ = ["core_halo_planes", "deconvolve_pixel", "deconvolve_zones", "effective_psf", "fit_core_halo", "psf_fwhm_2d",
+           "smooth_over_field", "stack_grid_size", "stack_stars"]
 
 _SMOOTHING = 1.5  # default strength of the deconvolution's smoothness penalty
 _COMPACTNESS = 0.1  # default strength of its compactness penalty [pixel^-4]
@@ -244,66 +249,6 @@ def effective_psf(sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.
     return mean, counts
 
 
-def pool_zones(sums: np.ndarray, counts: np.ndarray, *, n_side: int, radius: int = 1,
-               ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """Each zone's stack from a plane fitted across the zones around it, bin by bin.
-
-    Parameters
-    ----------
-    sums, counts
-        (n_side^2, S, S) accumulators of :func:`stack_stars`, zones running x-fast.
-    n_side
-        Zones per side.
-    radius
-        The fit takes the zones within ``radius`` zones along each axis ((2 radius + 1)^2
-        in the interior, fewer at the edges).
-    ridge
-        Damping of the plane's slopes, relative to the bin's total weight: it only
-        matters where the zones with samples in a bin are collinear.
-
-    Returns
-    -------
-    sums, counts
-        Accumulators with the same meaning: ``sums / counts`` is the plane's value at the
-        zone (a counts-weighted least-squares fit of the neighbours' means ``a + b dx + c
-        dy``) and ``counts`` its inverse variance in units of one sample's (the sum of the
-        neighbours' counts in the interior, less where the plane is extrapolated).
-
-    Notes
-    -----
-    The stack of a zone is an average over the stars in it; a PSF that varies smoothly
-    across the detector varies almost linearly over a few zones, so that the plane keeps
-    its value at the zone while averaging the noise of (2 radius + 1)^2 zones.
-    """
-    sums = np.asarray(sums, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if sums.shape != counts.shape or sums.ndim != 3 or sums.shape[0] != n_side * n_side:
-        raise ValueError(f"need (n_side^2 = {n_side * n_side}, S, S) sums and counts, got {sums.shape}, "
-                         f"{counts.shape}")
-    plane = sums.shape[1:]
-    s = sums.reshape(n_side, n_side, -1)
-    c = counts.reshape(n_side, n_side, -1)
-    out_s, out_c = np.zeros_like(s), np.zeros_like(c)
-    for iy in range(n_side):
-        for ix in range(n_side):
-            m = np.zeros((s.shape[-1], 3, 3))
-            b = np.zeros((s.shape[-1], 3))
-            for jy in range(max(iy - radius, 0), min(iy + radius + 1, n_side)):
-                for jx in range(max(ix - radius, 0), min(ix + radius + 1, n_side)):
-                    x = np.array([1.0, jx - ix, jy - iy])
-                    m += c[jy, jx, :, None, None] * np.outer(x, x)
-                    b += s[jy, jx, :, None] * x
-            used = m[:, 0, 0] > 0
-            m, b = m[used], b[used]
-            m[:, 1, 1] += ridge * m[:, 0, 0]
-            m[:, 2, 2] += ridge * m[:, 0, 0]
-            inv0 = np.linalg.inv(m)[:, 0]  # the intercept's row
-            weight = 1.0 / inv0[:, 0]
-            out_c[iy, ix, used] = weight
-            out_s[iy, ix, used] = weight * np.einsum("kj,kj->k", inv0, b)
-    return out_s.reshape(-1, *plane), out_c.reshape(-1, *plane)
-
-
 # --- deconvolution ---------------------------------------------------------------------
 def _pixel_kernel(oversampling: int) -> np.ndarray:
     """1-d native-pixel top-hat on the oversampled grid, with end corrections.
@@ -463,7 +408,7 @@ def _conjugate_gradients(normal: Callable[[np.ndarray, np.ndarray], np.ndarray],
 
 def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int = 10, size: int | None = 101,
                      iterations: int = 1000, smoothing: float = _SMOOTHING,
-                     compactness: float = _COMPACTNESS) -> np.ndarray:
+                     compactness: float = _COMPACTNESS, base: np.ndarray | None = None) -> np.ndarray:
     """The optical PSF whose pixel-convolved version fits the stack.
 
     Parameters
@@ -500,6 +445,10 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
         contain them in the combination its Fourier neighbours imply, and this term
         picks that one instead of the zero the smoothness penalty would choose, which
         made narrow cores too wide.
+    base
+        (n_zones, N, N) PSF the penalties pull toward, on the PSF's grid (``S`` plus one
+        pixel kernel; see :func:`deconvolve_zones`). None: the Gaussian which,
+        integrated over pixels, best fits the stack's core.
 
     Returns
     -------
@@ -601,8 +550,11 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
         return out + penalty[idx] * z
 
     # the penalties act on the PSF less its core Gaussian (see Notes)
-    g = np.stack([_gaussian_bins(r, w, 1.0 / o) for w in width])
-    base = core[:, 1, None, None] * g[:, :, None] * g[:, None, :]
+    if base is None:
+        g = np.stack([_gaussian_bins(r, w, 1.0 / o) for w in width])
+        base = core[:, 1, None, None] * g[:, :, None] * g[:, None, :]
+    else:
+        base = np.asarray(base, dtype=np.float64).reshape(n_zones, r.size, r.size)
     data = np.where(counts > 0, sums, 0.0) / n
     rhs = _sandwich(kv.T, data - weight * _sandwich(basis.k, base, basis.k.T), kv)
     full = _sandwich(kv.T, data, kv)  # the tolerance is relative to the whole PSF's
@@ -620,6 +572,303 @@ def deconvolve_pixel(sums: np.ndarray, counts: np.ndarray, *, oversampling: int 
     out = _sandwich(v_crop, z, v_crop.T) + base[:, lo:lo + size, lo:lo + size]
     out[~has_data] = np.nan
     return out[0] if squeeze else out
+
+
+# --- the PSF over the detector: core + halo model and a shared correction ---------------
+_CORE_HALO = ("sigma_x", "sigma_y", "halo_scale", "core_flux", "halo_flux")
+
+
+@numba.njit(nogil=True, cache=True)
+def _pixel_gaussian(d, sigma, out):  # pragma: no cover - compiled
+    # a unit Gaussian integrated over a native pixel centred at each offset d [pixel]
+    q = 1.0 / (math.sqrt(2.0) * sigma)
+    for i in range(d.size):
+        out[i] = 0.5 * (math.erf((d[i] + 0.5) * q) - math.erf((d[i] - 0.5) * q))
+
+
+@numba.njit(nogil=True, cache=True)
+def _core_halo_misfit(log_p, d, sums, counts, bin_var):  # pragma: no cover - compiled
+    # chi^2 less its constant part at the best two fluxes (they enter linearly), and the
+    # fluxes: the model of a stack bin is core + halo, each an elliptical Gaussian
+    # integrated over a pixel and averaged over the bin (its variance bin_var added)
+    sx, sy, k = math.exp(log_p[0]), math.exp(log_p[1]), 1.0 + math.exp(log_p[2])
+    n = d.size
+    gx1, gy1, gx2, gy2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    _pixel_gaussian(d, math.sqrt(sx * sx + bin_var), gx1)
+    _pixel_gaussian(d, math.sqrt(sy * sy + bin_var), gy1)
+    _pixel_gaussian(d, math.sqrt(k * k * sx * sx + bin_var), gx2)
+    _pixel_gaussian(d, math.sqrt(k * k * sy * sy + bin_var), gy2)
+    b1 = b2 = m11 = m12 = m22 = 0.0
+    for j in range(n):
+        for i in range(n):
+            c = counts[j, i]
+            if c == 0.0:
+                continue
+            t1, t2 = gy1[j] * gx1[i], gy2[j] * gx2[i]
+            b1 += t1 * sums[j, i]
+            b2 += t2 * sums[j, i]
+            m11 += c * t1 * t1
+            m12 += c * t1 * t2
+            m22 += c * t2 * t2
+    det = m11 * m22 - m12 * m12
+    if not det > 1e-12 * m11 * m22:
+        return 1e300, 0.0, 0.0
+    a1 = (m22 * b1 - m12 * b2) / det
+    a2 = (m11 * b2 - m12 * b1) / det
+    return -(a1 * b1 + a2 * b2), a1, a2
+
+
+_LOG_HALF, _LOG_50 = math.log(0.5), math.log(50.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _core_halo_value(log_p, d, sums, counts, bin_var):  # pragma: no cover - compiled
+    if abs(log_p[0] - _LOG_HALF) > _LOG_50 or abs(log_p[1] - _LOG_HALF) > _LOG_50:  # widths 0.01 to 25 pixel
+        return 1e300
+    return _core_halo_misfit(log_p, d, sums, counts, bin_var)[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _minimise_core_halo(x0, d, sums, counts, bin_var, xatol, max_evals):  # pragma: no cover - compiled
+    # Nelder-Mead with the usual coefficients (reflect 1, expand 2, contract and shrink
+    # 1/2), compiled with its objective: scipy's calls a Python function per step, 40 us
+    # of a 60 us step, and holds the GIL while the other bands' tasks wait for it
+    n = x0.size
+    simplex = np.empty((n + 1, n))
+    values = np.empty(n + 1)
+    for i in range(n + 1):
+        simplex[i] = x0
+        if i > 0:
+            simplex[i, i - 1] += 0.1
+        values[i] = _core_halo_value(simplex[i], d, sums, counts, bin_var)
+    evals = n + 1
+    while True:
+        order = np.argsort(values)
+        simplex, values = simplex[order], values[order]
+        if evals >= max_evals or (np.abs(simplex[1:] - simplex[0]).max() <= xatol
+                                  and values[n] - values[0] <= 1e-12 * abs(values[0])):
+            return simplex[0].copy(), values[0]
+        centroid = simplex[:n].sum(axis=0) / n
+        xr = 2.0 * centroid - simplex[n]
+        fr = _core_halo_value(xr, d, sums, counts, bin_var)
+        evals += 1
+        if fr < values[0]:
+            xe = 3.0 * centroid - 2.0 * simplex[n]
+            fe = _core_halo_value(xe, d, sums, counts, bin_var)
+            evals += 1
+            simplex[n], values[n] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < values[n - 1]:
+            simplex[n], values[n] = xr, fr
+        else:
+            xc = centroid + 0.5 * ((xr if fr < values[n] else simplex[n]) - centroid)
+            fc = _core_halo_value(xc, d, sums, counts, bin_var)
+            evals += 1
+            if fc < min(fr, values[n]):
+                simplex[n], values[n] = xc, fc
+            else:
+                for i in range(1, n + 1):
+                    simplex[i] = simplex[0] + 0.5 * (simplex[i] - simplex[0])
+                    values[i] = _core_halo_value(simplex[i], d, sums, counts, bin_var)
+                evals += n
+
+
+def fit_core_halo(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
+                  start: np.ndarray | None = None) -> np.ndarray:
+    """The core + halo model that, integrated over native pixels, best fits a stack.
+
+    The model is two concentric elliptical Gaussians aligned with the detector axes: a
+    core of widths ``(sigma_x, sigma_y)`` and a halo ``halo_scale`` (> 1) times wider,
+    with fluxes ``core_flux`` and ``halo_flux`` [fraction of the star's flux]. The widths
+    are searched (Nelder-Mead on the logarithms of the widths and of ``halo_scale - 1``,
+    compiled), the fluxes solved for at each step
+    (weighted least squares, weights the counts, over every bin with samples). A stack bin
+    averages offsets across its width, which the model includes (``1 / (12 o^2)`` pixel^2
+    of variance, +0.4 % on the width of a 0.33-pixel core if left out).
+
+    Parameters
+    ----------
+    sums, counts
+        (S, S) accumulators of :func:`stack_stars`.
+    oversampling
+        Stack bins per native pixel.
+    start
+        Parameters to start from (a neighbouring zone's); None: the best of a few.
+
+    Returns
+    -------
+    np.ndarray
+        (5,) ``sigma_x, sigma_y`` [pixel], ``halo_scale``, ``core_flux``, ``halo_flux``;
+        NaN when the stack has no samples.
+    """
+    sums = np.ascontiguousarray(np.where(counts > 0, sums, 0.0), dtype=np.float64)
+    counts = np.ascontiguousarray(np.where(counts > 0, counts, 0.0), dtype=np.float64)
+    if not counts.any():
+        return np.full(5, np.nan)
+    size = sums.shape[-1]
+    d = (np.arange(size) - (size - 1) / 2) / oversampling
+    bin_var = 1.0 / (12.0 * oversampling**2)
+
+    if start is not None and np.all(np.isfinite(start)):
+        starts = [np.log([start[0], start[1], start[2] - 1.0])]
+    else:
+        w, _ = _core_gaussian(sums, counts, oversampling)
+        starts = [np.log([w, w, k - 1.0]) for k in (1.5, 2.5, 4.0)]
+    best, _ = min((_minimise_core_halo(np.asarray(x0, np.float64), d, sums, counts, bin_var, 1e-4, 2000)
+                   for x0 in starts), key=lambda r: r[1])
+    _, a1, a2 = _core_halo_misfit(best, d, sums, counts, bin_var)
+    sx, sy, k = np.exp(best[0]), np.exp(best[1]), 1.0 + np.exp(best[2])
+    return np.array([sx, sy, k, a1, a2])
+
+
+def core_halo_planes(params: np.ndarray, offsets: np.ndarray, *, oversampling: int) -> np.ndarray:
+    """The core + halo model of :func:`fit_core_halo` integrated over oversampled bins.
+
+    Parameters
+    ----------
+    params
+        (n, 5) model parameters.
+    offsets
+        (P,) bin centres [native pixel].
+    oversampling
+        Bins per native pixel.
+
+    Returns
+    -------
+    np.ndarray
+        (n, P, P) fraction of the star's flux per oversampled bin (the product's layout).
+    """
+    params = np.atleast_2d(params)
+    out = np.empty((params.shape[0], offsets.size, offsets.size))
+    for z, (sx, sy, k, a1, a2) in enumerate(params):
+        if not np.all(np.isfinite([sx, sy, k, a1, a2])):
+            out[z] = np.nan
+            continue
+        gx1, gy1, gx2, gy2 = (_gaussian_bins(offsets, s, 1.0 / oversampling) for s in (sx, sy, k * sx, k * sy))
+        out[z] = a1 * np.outer(gy1, gx1) + a2 * np.outer(gy2, gx2)
+    return out
+
+
+def smooth_over_field(values: np.ndarray, weights: np.ndarray, *, n_side: int, degree: int) -> np.ndarray:
+    """Values of the zones replaced by a polynomial over the detector fitted to them.
+
+    Parameters
+    ----------
+    values
+        (n_side^2, q) one row per zone, zones running x-fast.
+    weights
+        (n_side^2,) inverse variances (any scale); zones of weight 0 or non-finite values
+        are left out of the fit and get its value.
+    n_side
+        Zones per side.
+    degree
+        Total degree of the polynomial in the zone's position (``u^i v^j``, ``i + j <=
+        degree``); lowered until the zones used are at least twice its terms.
+
+    Returns
+    -------
+    np.ndarray
+        (n_side^2, q) the fitted polynomials at the zones (the input where no zone has
+        weight).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] != n_side * n_side or weights.shape != (n_side * n_side,):
+        raise ValueError(f"need (n_side^2 = {n_side * n_side}, q) values and (n_side^2,) weights, got "
+                         f"{values.shape}, {weights.shape}")
+    used = (weights > 0) & np.isfinite(weights) & np.isfinite(values).all(axis=1)
+    while degree > 0 and (degree + 1) * (degree + 2) > used.sum():
+        degree -= 1
+    if not used.any():
+        return values.copy()
+    zy, zx = np.divmod(np.arange(n_side * n_side), n_side)
+    u, v = (zx - (n_side - 1) / 2) / max((n_side - 1) / 2, 1), (zy - (n_side - 1) / 2) / max((n_side - 1) / 2, 1)
+    design = np.column_stack([u**i * v**j for i in range(degree + 1) for j in range(degree + 1 - i)])
+    root = np.sqrt(weights[used])[:, None]
+    coef = np.linalg.lstsq(design[used] * root, values[used] * root, rcond=None)[0]
+    return design @ coef
+
+
+def deconvolve_zones(sums: np.ndarray, counts: np.ndarray, *, n_side: int, oversampling: int = 10,
+                     degree: int = 3, size: int | None = None, **options: float) -> np.ndarray:
+    """The optical PSF of every zone: a core + halo model smooth over the detector, plus
+    one correction shared by the zones, deconvolved from all their stars.
+
+    Parameters
+    ----------
+    sums, counts
+        (n_side^2, S, S) accumulators of :func:`stack_stars`, zones running x-fast.
+    n_side
+        Zones per side.
+    oversampling
+        Stack bins per native pixel.
+    degree
+        Degree of the polynomials over the detector of the model's parameters
+        (:func:`smooth_over_field`).
+    size
+        See :func:`deconvolve_pixel`.
+    **options
+        ``iterations``, ``smoothing``, ``compactness`` of :func:`deconvolve_pixel`.
+
+    Returns
+    -------
+    np.ndarray
+        (n_side^2, size, size) as :func:`deconvolve_pixel`; all-NaN for zones without
+        samples.
+
+    Notes
+    -----
+    As DAOPHOT's PSFs, an analytic function plus an empirical table: each zone's stack
+    is fitted by :func:`fit_core_halo`; the five parameters (the logarithms of the
+    widths and of ``halo_scale - 1``, the halo's share and the total flux) are smoothed
+    over the detector by polynomials of ``degree``, weighted by the zones' counts, as
+    PSFEx models a PSF's variation. The zones' residuals from their models, pixel-convolved
+    (``stack - K P0 K^T``), are added over all zones and deconvolved once
+    (:func:`deconvolve_pixel`, the penalties acting on the correction, scaled by the
+    band's mean width and total counts): the correction the analytic model misses is
+    shared by the zones, its noise that of all their stars.
+
+    The model carries what the pixel sees poorly, the width of a narrow core, from many
+    samples per parameter; each zone deconvolved alone scattered 3 % in FWHM with ~1100
+    stars per zone at sigma ~0.33 pixel, and the shared correction from all the zones'
+    stars needs one deconvolution per band instead of one per zone.
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    n_zones = n_side * n_side
+    if sums.shape != counts.shape or sums.ndim != 3 or sums.shape[0] != n_zones:
+        raise ValueError(f"need (n_side^2 = {n_zones}, S, S) sums and counts, got {sums.shape}, {counts.shape}")
+    o = int(oversampling)
+    weight = np.where(counts > 0, counts, 0.0).reshape(n_zones, -1).sum(axis=1)
+    has_data = weight > 0
+    start = fit_core_halo(sums.sum(axis=0), counts.sum(axis=0), oversampling=o)
+    params = np.stack([fit_core_halo(sums[z], counts[z], oversampling=o, start=start) if has_data[z]
+                       else np.full(5, np.nan) for z in range(n_zones)])
+    sx, sy, k, a1, a2 = params.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        smooth = smooth_over_field(np.column_stack([np.log(sx), np.log(sy), np.log(k - 1.0), a2 / (a1 + a2), a1 + a2]),
+                                   weight, n_side=n_side, degree=degree)
+    total = smooth[:, 4]
+    params = np.column_stack([np.exp(smooth[:, 0]), np.exp(smooth[:, 1]), 1.0 + np.exp(smooth[:, 2]),
+                              total * (1.0 - smooth[:, 3]), total * smooth[:, 3]])
+    basis = _basis(o, sums.shape[1])
+    grid = basis.vec.shape[0]
+    base = core_halo_planes(params, (np.arange(grid) - (grid - 1) / 2) / o, oversampling=o)
+    base[~has_data] = 0.0
+    model = _sandwich(basis.k, base, basis.k.T)
+    good = counts > 0
+    residual = np.where(good, sums - counts * model, 0.0).sum(axis=0)
+    total_counts = np.where(good, counts, 0.0).sum(axis=0)
+    reference = np.tensordot(weight / weight.sum(), base, axes=1) if has_data.any() else base[0]
+    psf = deconvolve_pixel(residual + total_counts * (basis.k @ reference @ basis.k.T), total_counts,
+                           oversampling=o, size=None, base=reference, **options)
+    out = base + (psf - reference)
+    out[~has_data] = np.nan
+    if size is None:
+        return out
+    if size % 2 == 0 or size > grid:
+        raise ValueError(f"size must be odd and at most the PSF grid's {grid}, got {size}")
+    lo = (grid - size) // 2
+    return out[:, lo:lo + size, lo:lo + size]
 
 
 # --- measurement -----------------------------------------------------------------------
