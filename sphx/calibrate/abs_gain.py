@@ -51,6 +51,10 @@ from .run import Solver, register_solver
 
 __all__ = ["AbsGainConfig", "calibrator_ratios", "estimate_abs_gain", "gain_function"]
 
+# the photometry's noise slope and the sky level from a sample of at least this many
+# pixels (every 4th row and column of a full detector: all 4 million took longer than the
+# calibrators' photometry)
+_SKY_SAMPLE = 250_000
 _RATIO_COLUMNS = ("source_id", "band", "obsid", "wavelength", "bandwidth", "flux", "flux_error", "predicted", "ratio",
                   "ratio_error")
 
@@ -112,10 +116,11 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
         return empty
     cell = cube.sel(band=band, obs=obs)
     sky_mask = np.uint32(PHOTOMETRY_MASK | _flags.Flag.SOURCE)
+    step = max(1, math.isqrt(cell["IMAGE"].size // _SKY_SAMPLE))
     trial, trial_var, sky_ratio = _trial_image(*(np.ascontiguousarray(cell[n].values) for n in ("IMAGE", "VARIANCE",
                                                                                                    "FLAGS")),
                                                np.ascontiguousarray(zodi), np.ascontiguousarray(dark, np.float64),
-                                               np.ascontiguousarray(flat, np.float64), float(a0), sky_mask)
+                                               np.ascontiguousarray(flat, np.float64), float(a0), sky_mask, step)
     dims = ("band", "obs", "y", "x")
     cube = cube.assign(IMAGE=(dims, trial[None, None]), VARIANCE=(dims, trial_var[None, None]))
     level = median(sky_ratio) if sky_ratio.size > 100 else 0.0
@@ -129,7 +134,7 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
     table = photometer_image(cube, subset, band=band, obs=obs, psf=calibrations["average_psf"],
                              sapm=calibrations["solid_angle_pixel_map"], spectral_wcs=calibrations["spectral_wcs"],
                              background=(level * zodi).astype(np.float32, copy=False), local_background=True,
-                             half_size=config.half_size, bank=bank)
+                             half_size=config.half_size, bank=bank, noise_sample=step)
     if not table.num_rows:
         return empty
     ids = table.column("source_id").to_numpy()
@@ -156,11 +161,11 @@ def calibrator_ratios(cube: xr.Dataset, catalog: pa.Table, *, band: int, obs: in
 
 
 @numba.njit(nogil=True, cache=True)
-def _trial_image(image, variance, flags, zodi, dark, flat, a0, sky_mask):  # pragma: no cover - compiled
+def _trial_image(image, variance, flags, zodi, dark, flat, a0, sky_mask, step):  # pragma: no cover - compiled
     """The image and its variance scaled by the trial gain, ``(I - dark) a0 / flat`` (as
     float32, what the photometry takes; NaN where the flat is not positive), and the
-    ratios ``trial / zodi`` (float64) of the sky pixels: unflagged by ``sky_mask`` with
-    finite values and positive zodiacal light.
+    ratios ``trial / zodi`` (float64) of the sky pixels on every ``step``-th row and
+    column: unflagged by ``sky_mask`` with finite values and positive zodiacal light.
 
     One pass over the pixels instead of a dozen array expressions: on a full detector
     those took longer than reading the image.
@@ -168,7 +173,7 @@ def _trial_image(image, variance, flags, zodi, dark, flat, a0, sky_mask):  # pra
     ny, nx = image.shape
     trial = np.empty((ny, nx), np.float32)
     trial_var = np.empty((ny, nx), np.float32)
-    ratio = np.empty(ny * nx)
+    ratio = np.empty(((ny + step - 1) // step) * ((nx + step - 1) // step))
     n = 0
     for j in range(ny):
         for i in range(nx):
@@ -178,7 +183,8 @@ def _trial_image(image, variance, flags, zodi, dark, flat, a0, sky_mask):  # pra
             trial[j, i] = t
             trial_var[j, i] = np.float64(variance[j, i]) * (scale * scale)
             z = zodi[j, i]
-            if (flags[j, i] & sky_mask) == 0 and np.isfinite(t) and np.isfinite(z) and z > 0:
+            if (j % step == 0 and i % step == 0 and (flags[j, i] & sky_mask) == 0 and np.isfinite(t)
+                    and np.isfinite(z) and z > 0):
                 ratio[n] = t / z
                 n += 1
     return trial, trial_var, ratio[:n]

@@ -502,35 +502,53 @@ def solve_sums(sums: np.ndarray, *, min_samples: int = 3, dark_prior: np.ndarray
         slope's variance is ``chi2 Sxx / (Sxx - c)**2``: the products of the two noises
         add about ``c chi2`` to the variance of the numerator.
     """
-    n, w, wx, wy, wxx, wxy, wyy, wvx, wcxy = (np.asarray(s, dtype=np.float64) for s in sums)
-    if dark_prior is not None and dark_prior_err is not None:
-        with np.errstate(divide="ignore"):
-            p = np.where(dark_prior_err > 0, 1.0 / np.asarray(dark_prior_err, np.float64) ** 2, 0.0)
-        d0 = np.nan_to_num(np.asarray(dark_prior, np.float64))
-        p = np.where(np.isfinite(p), p, 0.0)
-        w, wy, wyy = w + p, wy + p * d0, wyy + p * d0 * d0
-    with np.errstate(invalid="ignore", divide="ignore"):
+    sums = np.asarray(sums, dtype=np.float64)
+    shape = sums.shape[1:]
+    flat = np.ascontiguousarray(sums.reshape(N_SUMS, -1))
+    use_prior = dark_prior is not None and dark_prior_err is not None
+    prior, prior_err = ((np.ascontiguousarray(np.broadcast_to(np.asarray(a, np.float64), shape)).ravel()
+                         for a in (dark_prior, dark_prior_err)) if use_prior else (np.zeros(1), np.zeros(1)))
+    out = np.empty((5, flat.shape[1]))
+    _solve(flat, prior, prior_err, use_prior, bool(reference_errors), float(reliability_sigmas),
+           max(int(min_samples), 3), out)
+    result = {k: out[i].reshape(shape) for i, k in enumerate(("dark", "flat", "dark_err", "flat_err", "chi2"))}
+    result["n"] = sums[0]
+    return result
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or NaN, as in numpy
+def _solve(sums, prior, prior_err, use_prior, reference_errors, reliability_sigmas, min_samples,
+           out):  # pragma: no cover - compiled
+    # solve_sums pixel by pixel in one pass: as numpy expressions on a full detector's
+    # sums they took 0.9 s a band, a dozen temporaries of 4 million values each
+    for q in range(sums.shape[1]):
+        n, w, wx, wy, wxx, wxy, wyy, wvx, wcxy = sums[:, q]
+        if use_prior:
+            e = prior_err[q]
+            p = 1.0 / (e * e) if e > 0 else 0.0
+            p = p if np.isfinite(p) else 0.0
+            d0 = prior[q] if np.isfinite(prior[q]) else 0.0
+            w, wy, wyy = w + p, wy + p * d0, wyy + p * d0 * d0
         sxx = wxx - wx * wx / w  # observed weighted variance of the reference (times w)
         # the share f of the correction applied: 1 unless capped (then both terms alike, so
         # that the slope lies between the plain and the fully corrected one)
-        keep = np.clip(reliability_sigmas * np.sqrt(2.0 / np.maximum(n - 2, 1)), 0.0, 1.0)
-        f = np.clip(np.where(wvx > 0, (1.0 - keep) * sxx / wvx, 1.0), 0.0, 1.0) if reference_errors \
-            else np.zeros_like(wxx)
+        f = 0.0
+        if reference_errors:
+            keep = min(max(reliability_sigmas * np.sqrt(2.0 / max(n - 2.0, 1.0)), 0.0), 1.0)
+            f = min(max((1.0 - keep) * sxx / wvx, 0.0), 1.0) if wvx > 0 else 1.0
         cxx, cxy = wxx - f * wvx, wxy - f * wcxy
         det = w * cxx - wx * wx
+        if not (n >= min_samples and det > 0):
+            out[:, q] = np.nan
+            continue
         slope = (w * cxy - wx * wy) / det
         intercept = (cxx * wy - wx * cxy) / det
-        resid = wyy - 2 * slope * wxy - 2 * intercept * wy + slope**2 * wxx + 2 * slope * intercept * wx \
-            + intercept**2 * w
-        chi2 = np.maximum(resid, 0.0) / (n - 2)
+        resid = (wyy - 2 * slope * wxy - 2 * intercept * wy + slope * slope * wxx + 2 * slope * intercept * wx
+                 + intercept * intercept * w)
+        chi2 = (resid if resid > 0 else 0.0) / (n - 2)
         den = det / w  # sxx - corr
-        slope_var = chi2 * sxx / den**2
-        ok = (n >= max(min_samples, 3)) & (det > 0)
-        out = {
-            "dark": intercept, "flat": slope,
-            "dark_err": np.sqrt(chi2 / w + (wx / w) ** 2 * slope_var), "flat_err": np.sqrt(slope_var),
-            "chi2": chi2,
-        }
-    out = {k: np.where(ok, v, np.nan) for k, v in out.items()}
-    out["n"] = n
-    return out
+        slope_var = chi2 * sxx / (den * den)
+        out[0, q], out[1, q] = intercept, slope
+        out[2, q] = np.sqrt(chi2 / w + (wx / w) ** 2 * slope_var)
+        out[3, q] = np.sqrt(slope_var)
+        out[4, q] = chi2
