@@ -170,10 +170,15 @@ def test_sparse_stack_of_a_narrow_psf():
 
 def test_core_halo_fit_recovers_the_simulated_profile():
     sums, counts = _noise_free_stack(0.70, 0.75)
-    sx, sy, k, core, halo = fit_core_halo(sums[0], counts[0], oversampling=O)
-    # measured: 0.7000, 0.7501, 2.4999, 0.8500, 0.1500
+    sx, sy, k, core, halo, level = fit_core_halo(sums[0], counts[0], oversampling=O)
+    # measured: 0.7000, 0.7501, 2.4999, 0.8500, 0.1500, 4e-8
     np.testing.assert_allclose([sx, sy, k], [0.70, 0.75, WING_SCALE], rtol=2e-3)
     np.testing.assert_allclose([core, halo], [1 - WING_FRACTION, WING_FRACTION], atol=2e-3)
+    assert abs(level) < 1e-5
+    # a sky the stars' background estimates left: the level takes it, not the halo
+    shifted = fit_core_halo(sums[0] + 2e-3 * counts[0], counts[0], oversampling=O)
+    np.testing.assert_allclose(shifted[:5], [sx, sy, k, core, halo], rtol=1e-3)
+    assert shifted[5] == pytest.approx(2e-3, rel=1e-3)
     grid = (np.arange(P_SIZE) - (P_SIZE - 1) / 2) / O
     plane = core_halo_planes(np.array([[sx, sy, k, core, halo]]), grid, oversampling=O)[0]
     truth = psf_plane(0.70, 0.75, size=P_SIZE, oversampling=O)
@@ -211,6 +216,11 @@ def test_smooth_over_field_keeps_a_cubic_and_averages_noise():
     few = np.zeros(121)
     few[[0, 10, 110, 120]] = 1.0
     np.testing.assert_allclose(smooth_over_field(truth, few, n_side=11, degree=3)[:, 0], truth[[0, 10, 110, 120], 0].mean())
+    # a zone fitted to a wrong minimum is left out instead of bending the polynomial for all
+    wrong = truth.copy()
+    wrong[60] = [50.0, -40.0]
+    np.testing.assert_allclose(smooth_over_field(wrong, weights, n_side=11, degree=3), truth, atol=1e-10)
+    assert np.abs(smooth_over_field(wrong, weights, n_side=11, degree=3, clip=None) - truth).max() > 1
     with pytest.raises(ValueError, match="n_side"):
         smooth_over_field(truth, weights, n_side=10, degree=3)
 
