@@ -585,10 +585,10 @@ def _pixel_gaussian(d, sigma, out):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _core_halo_misfit(log_p, d, sums, counts, bin_var):  # pragma: no cover - compiled
-    # chi^2 less its constant part at the best core flux, halo flux (both >= 0) and level
-    # (they enter linearly), and those three: the model of a stack bin is core + halo, each an
+    # chi^2 less its constant part at the best core and halo fluxes (they enter linearly,
+    # neither negative), and those fluxes: the model of a stack bin is core + halo, each an
     # elliptical Gaussian integrated over a pixel and averaged over the bin (its variance
-    # bin_var added), plus a constant level
+    # bin_var added)
     sx, sy, k = math.exp(log_p[0]), math.exp(log_p[1]), 1.0 + math.exp(log_p[2])
     n = d.size
     gx1, gy1, gx2, gy2 = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
@@ -596,42 +596,30 @@ def _core_halo_misfit(log_p, d, sums, counts, bin_var):  # pragma: no cover - co
     _pixel_gaussian(d, math.sqrt(sy * sy + bin_var), gy1)
     _pixel_gaussian(d, math.sqrt(k * k * sx * sx + bin_var), gx2)
     _pixel_gaussian(d, math.sqrt(k * k * sy * sy + bin_var), gy2)
-    b = np.zeros(3)
-    m = np.zeros((3, 3))
+    b = np.zeros(2)
+    m = np.zeros((2, 2))
     for j in range(n):
         for i in range(n):
             c = counts[j, i]
             if c == 0.0:
                 continue
-            t1, t2, v = gy1[j] * gx1[i], gy2[j] * gx2[i], sums[j, i]
-            b[0] += t1 * v
-            b[1] += t2 * v
-            b[2] += v
+            t1, t2 = gy1[j] * gx1[i], gy2[j] * gx2[i]
+            b[0] += t1 * sums[j, i]
+            b[1] += t2 * sums[j, i]
             m[0, 0] += c * t1 * t1
             m[0, 1] += c * t1 * t2
-            m[0, 2] += c * t1
             m[1, 1] += c * t2 * t2
-            m[1, 2] += c * t2
-            m[2, 2] += c
-    m[1, 0], m[2, 0], m[2, 1] = m[0, 1], m[0, 2], m[1, 2]
-    # the fluxes are not negative: the best of the free fit and those with one of them at 0
-    # (a halo as wide as the core with fluxes of +49 and -48 fitted a sparse stack)
-    best, a1, a2, level = 1e300, 0.0, 0.0, 0.0
-    for drop in range(3):  # none, the halo, the core
-        keep = np.array([drop != 2, drop != 1, True])
-        idx = np.flatnonzero(keep)
-        sub = m[idx][:, idx]
-        a = np.zeros(3)
-        ok, sol = _solve_small(sub, b[idx])
-        if not ok:
-            continue
-        a[idx] = sol
-        if a[0] < 0 or a[1] < 0:
-            continue
-        value = -(a[0] * b[0] + a[1] * b[1] + a[2] * b[2])
-        if value < best:
-            best, a1, a2, level = value, a[0], a[1], a[2]
-    return best, a1, a2, level
+    m[1, 0] = m[0, 1]
+    # the best of the free fit and those with one flux at 0 (free fluxes of +49 and -48,
+    # a halo as wide as the core, fitted a sparse stack)
+    best, a1, a2 = 1e300, 0.0, 0.0
+    for keep in (np.array([0, 1]), np.array([0]), np.array([1])):
+        ok, sol = _solve_small(m[keep][:, keep], b[keep])
+        a = np.zeros(2)
+        a[keep] = sol
+        if ok and a[0] >= 0 and a[1] >= 0 and -(a[0] * b[0] + a[1] * b[1]) < best:
+            best, a1, a2 = -(a[0] * b[0] + a[1] * b[1]), a[0], a[1]
+    return best, a1, a2
 
 
 @numba.njit(nogil=True, cache=True)
@@ -721,9 +709,7 @@ def fit_core_halo(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
 
     The model is two concentric elliptical Gaussians aligned with the detector axes: a
     core of widths ``(sigma_x, sigma_y)`` and a halo ``halo_scale`` (> 1) times wider,
-    with fluxes ``core_flux`` and ``halo_flux`` [fraction of the star's flux], on a
-    constant ``level`` [fraction of the star's flux per native pixel]: what the stars' sky
-    estimates leave (the median of a ring around a star sees its neighbours' light). The widths
+    with fluxes ``core_flux`` and ``halo_flux`` [fraction of the star's flux, >= 0]. The widths
     are searched (Nelder-Mead on the logarithms of the widths and of ``halo_scale - 1``,
     compiled), the fluxes solved for at each step
     (weighted least squares, weights the counts, over every bin with samples). A stack bin
@@ -742,13 +728,13 @@ def fit_core_halo(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
     Returns
     -------
     np.ndarray
-        (6,) ``sigma_x, sigma_y`` [pixel], ``halo_scale``, ``core_flux``, ``halo_flux``,
-        ``level``; NaN when the stack has no samples.
+        (5,) ``sigma_x, sigma_y`` [pixel], ``halo_scale``, ``core_flux``, ``halo_flux``;
+        NaN when the stack has no samples.
     """
     sums = np.ascontiguousarray(np.where(counts > 0, sums, 0.0), dtype=np.float64)
     counts = np.ascontiguousarray(np.where(counts > 0, counts, 0.0), dtype=np.float64)
     if not counts.any():
-        return np.full(6, np.nan)
+        return np.full(5, np.nan)
     size = sums.shape[-1]
     d = (np.arange(size) - (size - 1) / 2) / oversampling
     bin_var = 1.0 / (12.0 * oversampling**2)
@@ -760,9 +746,9 @@ def fit_core_halo(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
         starts = [np.log([w, w, k - 1.0]) for k in (1.5, 2.5, 4.0)]
     best, _ = min((_minimise_core_halo(np.asarray(x0, np.float64), d, sums, counts, bin_var, 1e-4, 2000)
                    for x0 in starts), key=lambda r: r[1])
-    _, a1, a2, level = _core_halo_misfit(best, d, sums, counts, bin_var)
+    _, a1, a2 = _core_halo_misfit(best, d, sums, counts, bin_var)
     sx, sy, k = np.exp(best[0]), np.exp(best[1]), 1.0 + np.exp(best[2])
-    return np.array([sx, sy, k, a1, a2, level])
+    return np.array([sx, sy, k, a1, a2])
 
 
 def core_halo_planes(params: np.ndarray, offsets: np.ndarray, *, oversampling: int) -> np.ndarray:
@@ -771,7 +757,7 @@ def core_halo_planes(params: np.ndarray, offsets: np.ndarray, *, oversampling: i
     Parameters
     ----------
     params
-        (n, 5) model parameters (a ``level`` column after them is ignored).
+        (n, 5) model parameters.
     offsets
         (P,) bin centres [native pixel].
     oversampling
@@ -784,7 +770,7 @@ def core_halo_planes(params: np.ndarray, offsets: np.ndarray, *, oversampling: i
     """
     params = np.atleast_2d(params)
     out = np.empty((params.shape[0], offsets.size, offsets.size))
-    for z, (sx, sy, k, a1, a2) in enumerate(params[:, :5]):
+    for z, (sx, sy, k, a1, a2) in enumerate(params):
         if not np.all(np.isfinite([sx, sy, k, a1, a2])):
             out[z] = np.nan
             continue
@@ -874,10 +860,10 @@ def deconvolve_zones(sums: np.ndarray, counts: np.ndarray, *, n_side: int, overs
     -----
     As DAOPHOT's PSFs, an analytic function plus an empirical table: each zone's stack
     is fitted by :func:`fit_core_halo`; its parameters (the logarithms of the widths and
-    of ``halo_scale - 1``, the halo's share, the total flux and the level) are smoothed
+    of ``halo_scale - 1``, the halo's share and the total flux) are smoothed
     over the detector by polynomials of ``degree``, weighted by the zones' counts, as
     PSFEx models a PSF's variation. The zones' residuals from their models, pixel-convolved
-    (``stack - K P0 K^T - level``), are added over all zones and deconvolved once
+    (``stack - K P0 K^T``), are added over all zones and deconvolved once
     (:func:`deconvolve_pixel`, the penalties acting on the correction, scaled by the
     band's mean width and total counts): the correction the analytic model misses is
     shared by the zones, its noise that of all their stars.
@@ -897,20 +883,19 @@ def deconvolve_zones(sums: np.ndarray, counts: np.ndarray, *, n_side: int, overs
     has_data = weight > 0
     start = fit_core_halo(sums.sum(axis=0), counts.sum(axis=0), oversampling=o)
     params = np.stack([fit_core_halo(sums[z], counts[z], oversampling=o, start=start) if has_data[z]
-                       else np.full(6, np.nan) for z in range(n_zones)])
-    sx, sy, k, a1, a2, level = params.T
+                       else np.full(5, np.nan) for z in range(n_zones)])
+    sx, sy, k, a1, a2 = params.T
     with np.errstate(invalid="ignore", divide="ignore"):
-        smooth = smooth_over_field(np.column_stack([np.log(sx), np.log(sy), np.log(k - 1.0), a2 / (a1 + a2), a1 + a2,
-                                                    level]), weight, n_side=n_side, degree=degree)
+        smooth = smooth_over_field(np.column_stack([np.log(sx), np.log(sy), np.log(k - 1.0), a2 / (a1 + a2), a1 + a2]),
+                                   weight, n_side=n_side, degree=degree)
     total = smooth[:, 4]
     params = np.column_stack([np.exp(smooth[:, 0]), np.exp(smooth[:, 1]), 1.0 + np.exp(smooth[:, 2]),
                               total * (1.0 - smooth[:, 3]), total * smooth[:, 3]])
-    level = smooth[:, 5]
     basis = _basis(o, sums.shape[1])
     grid = basis.vec.shape[0]
     base = core_halo_planes(params, (np.arange(grid) - (grid - 1) / 2) / o, oversampling=o)
     base[~has_data] = 0.0
-    model = _sandwich(basis.k, base, basis.k.T) + level[:, None, None]
+    model = _sandwich(basis.k, base, basis.k.T)
     good = counts > 0
     residual = np.where(good, sums - counts * model, 0.0).sum(axis=0)
     total_counts = np.where(good, counts, 0.0).sum(axis=0)
