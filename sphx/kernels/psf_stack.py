@@ -709,10 +709,10 @@ def fit_core_halo(sums: np.ndarray, counts: np.ndarray, *, oversampling: int,
 
     The model is two concentric elliptical Gaussians aligned with the detector axes: a
     core of widths ``(sigma_x, sigma_y)`` and a halo ``halo_scale`` (> 1) times wider,
-    with fluxes ``core_flux`` and ``halo_flux`` [fraction of the star's flux, >= 0]. The widths
-    are searched (Nelder-Mead on the logarithms of the widths and of ``halo_scale - 1``,
-    compiled), the fluxes solved for at each step
-    (weighted least squares, weights the counts, over every bin with samples). A stack bin
+    with fluxes ``core_flux`` and ``halo_flux`` [fraction of the star's flux, >= 0]. The
+    widths are searched (a compiled Nelder-Mead on the logarithms of the widths and of
+    ``halo_scale - 1``), the fluxes solved for at each step (weighted least squares,
+    weights the counts, over every bin with samples). A stack bin
     averages offsets across its width, which the model includes (``1 / (12 o^2)`` pixel^2
     of variance, +0.4 % on the width of a 0.33-pixel core if left out).
 
@@ -795,6 +795,11 @@ def smooth_over_field(values: np.ndarray, weights: np.ndarray, *, n_side: int, d
     degree
         Total degree of the polynomial in the zone's position (``u^i v^j``, ``i + j <=
         degree``); lowered until the zones used are at least twice its terms.
+    clip
+        Zones farther from the fit than this many robust standard deviations (1.4826
+        median absolute deviations of the weighted residuals) in any column are left out
+        and the fit repeated until none is: a sparse zone's fit caught in a wrong minimum
+        must not bend the polynomial for all. None keeps every zone.
 
     Returns
     -------
