@@ -596,57 +596,32 @@ def _core_halo_misfit(log_p, d, sums, counts, bin_var):  # pragma: no cover - co
     _pixel_gaussian(d, math.sqrt(sy * sy + bin_var), gy1)
     _pixel_gaussian(d, math.sqrt(k * k * sx * sx + bin_var), gx2)
     _pixel_gaussian(d, math.sqrt(k * k * sy * sy + bin_var), gy2)
-    b = np.zeros(2)
-    m = np.zeros((2, 2))
+    b1 = b2 = m11 = m12 = m22 = 0.0
     for j in range(n):
         for i in range(n):
             c = counts[j, i]
             if c == 0.0:
                 continue
             t1, t2 = gy1[j] * gx1[i], gy2[j] * gx2[i]
-            b[0] += t1 * sums[j, i]
-            b[1] += t2 * sums[j, i]
-            m[0, 0] += c * t1 * t1
-            m[0, 1] += c * t1 * t2
-            m[1, 1] += c * t2 * t2
-    m[1, 0] = m[0, 1]
+            b1 += t1 * sums[j, i]
+            b2 += t2 * sums[j, i]
+            m11 += c * t1 * t1
+            m12 += c * t1 * t2
+            m22 += c * t2 * t2
     # the best of the free fit and those with one flux at 0 (free fluxes of +49 and -48,
-    # a halo as wide as the core, fitted a sparse stack)
+    # a halo as wide as the core, fitted a sparse stack); chi^2 less its constant part is
+    # -(a1 b1 + a2 b2) at the best fluxes
     best, a1, a2 = 1e300, 0.0, 0.0
-    for keep in (np.array([0, 1]), np.array([0]), np.array([1])):
-        ok, sol = _solve_small(m[keep][:, keep], b[keep])
-        a = np.zeros(2)
-        a[keep] = sol
-        if ok and a[0] >= 0 and a[1] >= 0 and -(a[0] * b[0] + a[1] * b[1]) < best:
-            best, a1, a2 = -(a[0] * b[0] + a[1] * b[1]), a[0], a[1]
+    det = m11 * m22 - m12 * m12
+    if det > 1e-12 * m11 * m22:
+        f1, f2 = (m22 * b1 - m12 * b2) / det, (m11 * b2 - m12 * b1) / det
+        if f1 >= 0 and f2 >= 0:
+            best, a1, a2 = -(f1 * b1 + f2 * b2), f1, f2
+    if m11 > 0 and b1 >= 0 and -b1 * b1 / m11 < best:
+        best, a1, a2 = -b1 * b1 / m11, b1 / m11, 0.0
+    if m22 > 0 and b2 >= 0 and -b2 * b2 / m22 < best:
+        best, a1, a2 = -b2 * b2 / m22, 0.0, b2 / m22
     return best, a1, a2
-
-
-@numba.njit(nogil=True, cache=True)
-def _solve_small(m, b):  # pragma: no cover - compiled
-    # Gaussian elimination with partial pivoting of a small system; False when singular
-    n = b.size
-    a, x = m.copy(), b.copy()
-    scale = np.abs(np.diag(m)).max()
-    for i in range(n):
-        p = i + np.argmax(np.abs(a[i:, i]))
-        if not abs(a[p, i]) > 1e-12 * scale:
-            return False, x
-        if p != i:
-            for q in range(n):
-                a[i, q], a[p, q] = a[p, q], a[i, q]
-            x[i], x[p] = x[p], x[i]
-        for r in range(i + 1, n):
-            f = a[r, i] / a[i, i]
-            for q in range(i, n):
-                a[r, q] -= f * a[i, q]
-            x[r] -= f * x[i]
-    for i in range(n - 1, -1, -1):
-        t = x[i]
-        for q in range(i + 1, n):
-            t -= a[i, q] * x[q]
-        x[i] = t / a[i, i]
-    return True, x
 
 
 _LOG_HALF, _LOG_50 = math.log(0.5), math.log(50.0)
