@@ -18,7 +18,15 @@ from sphx.calibrate.inputs import open_inputs
 from sphx.calibrate.run import get_solver, merge_bands, run_solver
 from sphx.demo import recipe_path
 from sphx.errors import CalibrationError, RecipeError
-from sphx.kernels.dark_flat import accumulate_images, channel_keys, median_variance, reference_fluxes, solve_sums
+from sphx.kernels.dark_flat import (
+    accumulate_images,
+    channel_keys,
+    median_variance,
+    reference_fluxes,
+    reference_sample,
+    sampled_segments,
+    solve_sums,
+)
 from sphx.pipeline import check_recipe, load_recipe, run_recipe
 from sphx.testing import raise_if_dask_computes
 
@@ -109,6 +117,38 @@ def test_flags_and_masks_select_the_same_samples_as_boolean_masks():
     np.testing.assert_array_equal(by_flags[0], expected)
 
 
+def test_a_sampled_reference_represents_every_row_and_keeps_the_solution():
+    # one pixel in 4 (full-size detectors): blocks of 64 along the rows, staggered, so
+    # that each row of a channel (whose wavelength changes across its rows) counts alike
+    taken = reference_sample((64, 512), 4)
+    assert taken.mean() == 0.25
+    assert set(taken.sum(axis=1).tolist()) == {128} and set(taken.sum(axis=0).tolist()) == {16}
+    rng = np.random.default_rng(5)
+    k, ny, nx = 30, 256, 512
+    # channels 4 rows tall, tilted as on the detector, the sky changing along the band too
+    cwave = np.linspace(1.0, 1.2, ny)[:, None] + np.linspace(0.0, 0.004, nx)[None, :]
+    key, u, _ = channel_keys(cwave, n_channels=64, n_segments=2)
+    dark, flat = rng.uniform(0.0, 0.5, (ny, nx)), rng.normal(1.0, 0.05, (ny, nx))
+    sky = rng.uniform(2.0, 9.0, k)[:, None, None] * (1 + 0.05 * u[None]) * cwave[None] ** -2
+    images = dark + flat * sky + rng.normal(0.0, 0.05, (k, ny, nx))
+    variances = np.full((k, ny, nx), 0.05**2)
+    ok = np.ones((k, ny, nx), bool)
+    solved = {}
+    for sample in (1, 4):
+        seg_u, starts = sampled_segments(key, u, n_keys=128, sample=sample)
+        sums = accumulate_images(images, variances, ok, ok, key=key, u=u, segment_u=seg_u, starts=starts,
+                                 sample=sample, dark0=dark, gain0=flat, n_segments=2)
+        solved[sample] = solve_sums(sums)
+    one, four = solved[1], solved[4]
+    # a quarter of the 1024 pixels per median: the medians' noise, shared by a segment's
+    # pixels, moves the flat by 0.2 of its errors (0.25 here) and adds 2.4 % to its
+    # distance from the truth (the two segments' line through it reaches the channel's
+    # ends; the detector's four segments and 500 pixels per median give less)
+    assert np.sqrt(np.mean(((four["flat"] - one["flat"]) / one["flat_err"]) ** 2)) < 0.3
+    assert np.std(four["flat"] / flat - 1) < 1.04 * np.std(one["flat"] / flat - 1)
+    assert np.median(four["flat_err"]) == pytest.approx(np.median(one["flat_err"]), rel=0.02)
+
+
 def test_median_variance_matches_monte_carlo():
     # unequal errors: the variance follows sum(1/sigma), not the mean variance (which is
     # 5 % off for errors within +-25 % and 30 % off for a factor 4)
@@ -184,6 +224,26 @@ def test_dark_flat_graph_is_lazy(calib_repo):
         products = estimate_dark_flat(calib_repo, inputs, DarkFlatConfig(passes=2),
                                       calibrations=_calibrations(calib_repo, "dark", "abs_gain_matrix"))
     assert products["dark"]["DARK"].chunks is not None and products["flat_field"]["FLAT"].chunks is not None
+
+
+def test_a_batch_added_again_is_not_counted_twice(calib_repo):
+    # the chains add batches into their sums in place: a task run again (retries) must
+    # find its batch already there
+    from sphx.calibrate.dark_flat import _add_batch, _channel_maps
+
+    inputs = _inputs(calib_repo)
+    config = DarkFlatConfig()
+    maps = _channel_maps(inputs, config)[0]
+    shape = (inputs.pixels.sizes["y"], inputs.pixels.sizes["x"])
+    priors = (calib_repo.open_calibration("dark")["DARK"].sel(band=1).values.astype(np.float64), np.ones(shape))
+    obs = [int(o) for o in inputs.pixels["obs"].values]
+    args = (calib_repo, inputs.levels, 1)
+    chain = _add_batch(None, *args, obs[:8], priors, maps, config, shape)
+    once = chain[0].copy()
+    again = _add_batch(chain, *args, obs[:8], priors, maps, config, shape)
+    np.testing.assert_array_equal(again[0], once)
+    more = _add_batch(again, *args, obs[8:16], priors, maps, config, shape)
+    assert more[1] == {obs[0], obs[8]} and more[0][0].sum() > 1.9 * once[0].sum()
 
 
 def test_dark_flat_recovers_truth_within_its_statistical_error(calib_repo):

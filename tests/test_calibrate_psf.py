@@ -72,6 +72,25 @@ def test_isolation_counts_brighter_neighbours_only():
     np.testing.assert_array_equal(isolated_stars(x, y, flux, candidates, radius=6.0, fraction=0.1), expected)
 
 
+def test_brightest_bounds_the_flux_across_the_band():
+    # the bound that lets a batch skip the rows too faint to matter: never below the
+    # flux at any wavelength of the band, the end segments extrapolated included
+    from sphx.astrometry.catalog import interpolate_flux
+    from sphx.calibrate.psf import _brightest
+
+    rng = np.random.default_rng(8)
+    fluxes = rng.lognormal(0.0, 2.0, (500, 4))
+    fluxes[::97, 2] = np.nan
+    for lo, hi in ((0.75, 1.11), (1.6, 3.8), (3.8, 5.0)):
+        bound = _brightest(fluxes, lo, hi)
+        lams = np.union1d(np.linspace(lo, hi, 200), [lam for lam in (1.0, 2.0, 3.0, 4.5) if lo < lam < hi])
+        grid = np.stack([interpolate_flux(fluxes, np.full(500, lam)) for lam in lams])
+        assert np.all(np.isnan(bound) == np.isnan(grid).any(axis=0))
+        ok = np.isfinite(bound)
+        assert np.all(bound[ok] >= grid[:, ok].max(axis=0) * (1 - 1e-12))
+        np.testing.assert_allclose(bound[ok], grid[:, ok].max(axis=0), rtol=1e-12)  # and reached
+
+
 # --- through the repository -----------------------------------------------------------
 def test_psf_graph_is_lazy(psf_repo):
     spec = get_solver("psf")
@@ -111,6 +130,29 @@ def test_batches_and_chains_do_not_change_the_stack(psf_repo):
     # rim, stopped at a relative residual of 1e-6) amplifies
     peak = np.nanmax(one["PSF"].values)
     np.testing.assert_allclose(many["PSF"].values, one["PSF"].values, rtol=0, atol=1e-3 * peak)
+
+
+def test_the_batch_catalogue_stacks_what_each_image_query_stacks(psf_repo):
+    # a batch reads the catalogue once, keeps the rows bright enough to matter and moves
+    # them per image (proper motion, parallax from the spacecraft); the per-image query
+    # of the whole catalogue (a catalogue without one epoch) is the reference
+    import sphx.calibrate.psf as psf_module
+    from sphx.calibrate.inputs import catalog_epoch
+
+    spec = get_solver("psf")
+    cal = {n: psf_repo.open_calibration(n) for n in ("average_psf", "solid_angle_pixel_map", "spectral_wcs")}
+    inputs = open_inputs(psf_repo, spec.reads, spectral_wcs=cal["spectral_wcs"], extra=spec.extra)
+    meta = inputs.image_metadata().load().isel(band=[0], obs=list(range(6)))
+    prior = cal["average_psf"]
+    args = (psf_repo, {n: inputs.levels[n] for n in ("IMAGE", "VARIANCE", "FLAGS")}, meta, 1, prior["zone_x"].values,
+            prior["zone_y"].values, cal["solid_angle_pixel_map"]["SAPM"].sel(band=1).values.astype(np.float64),
+            cal["spectral_wcs"]["CWAVE"].sel(band=1).values.astype(np.float64), 10)
+    epoch = catalog_epoch(psf_repo.open_table("refcat"))
+    assert epoch is not None
+    batch, per_image = (psf_module._stack_batch(*args, e, PsfConfig(min_stars=1), None) for e in (epoch, None))
+    assert batch[1].sum() > 100
+    np.testing.assert_array_equal(batch[1], per_image[1])
+    np.testing.assert_allclose(batch[0], per_image[0], rtol=0, atol=1e-12 * np.abs(per_image[0]).max())
 
 
 def test_psf_on_a_real_scheduler_equals_the_threaded_run(psf_repo, loopback_cluster):

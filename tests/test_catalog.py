@@ -80,6 +80,35 @@ def test_parallax_matches_astropy():
     assert (sep_chain < 1.1 * expected + 1e-4).all()
 
 
+def test_sources_in_image_seen_from_the_observer_match_astropy():
+    # the catalogue array's rows moved to the epoch and seen from the observer, then
+    # projected: against astropy's space motion and its WCS, for nearby fast stars
+    from sphx.astrometry.catalog import catalog_array, sources_in_image
+
+    rng = np.random.default_rng(3)
+    n = 400
+    ra, dec = rng.uniform(149.8, 150.2, n), rng.uniform(1.8, 2.2, n)
+    pmra, pmdec, parallax = rng.normal(0, 500, n), rng.normal(0, 500, n), rng.uniform(50.0, 800.0, n)
+    table = pa.table({"ra": ra, "dec": dec, "ref_epoch": np.full(n, 2016.0), "pmra": pmra, "pmdec": pmdec,
+                      **{c: np.ones(n) for c in ("flux_1um", "flux_2um", "flux_3um", "flux_4p5um")}})
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = ["RA---TAN", "DEC--TAN"], [150.0, 2.0], [100.5, 100.5]
+    wcs.wcs.cd = np.array([[-6.2, 0.0], [0.0, 6.2]]) / 3600.0
+    mjd, epoch = 61000.0, Time(61000.0, format="mjd").jyear
+    observer = observer_barycentric(mjd)
+    rows, x, y = sources_in_image(catalog_array(table), wcs, (0, 199), (0, 199), epoch, 5.0, parallax=parallax,
+                                  observer=observer)
+    assert 100 < rows.size < n
+    ra1, dec1 = _astropy_apparent(ra[rows], dec[rows], pmra[rows], pmdec[rows], parallax[rows],
+                                  observer, t0=2016.0, t1=epoch)
+    ax, ay = wcs.all_world2pix(ra1, dec1, 0)
+    assert np.max(np.hypot(x - ax, y - ay)) < 1e-3  # [pixel] (6.2"/pixel; parallax up to 0.8")
+    # without the observer the shift is the parallax, up to 0.13 pixel here
+    rows0, x0, y0 = sources_in_image(catalog_array(table), wcs, (0, 199), (0, 199), epoch, 5.0)
+    _, a, b = np.intersect1d(rows, rows0, return_indices=True)
+    assert np.max(np.hypot(x0[b] - x[a], y0[b] - y[a])) > 0.05
+
+
 def test_no_parallax_is_bit_identical_and_observer_broadcasts():
     rng = np.random.default_rng(4)
     ra, dec = rng.uniform(0, 360, 50), rng.uniform(-80, 80, 50)

@@ -17,6 +17,7 @@ import numba
 import numpy as np
 import xarray as xr
 
+from ..catalog.motion import propagate
 from ..errors import StepError
 from ..wcs import SIP_ORDER
 
@@ -171,12 +172,16 @@ def pixels_at_epoch(cat, rows, epoch, crval, cd_inverse, crpix, a, b, ap, bp):  
 
 
 def sources_in_image(cat: np.ndarray, wcs: Any, x_range: tuple[float, float], y_range: tuple[float, float],
-                      epoch: float, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      epoch: float, margin: float, *, parallax: np.ndarray | None = None,
+                      observer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of the catalogue array near the image, and their pixel labels (x, y) at ``epoch``.
 
     ``x_range``, ``y_range`` are the first and last pixel labels of the image; sources
     within ``margin`` pixels of it are kept. ``wcs`` is a TAN or TAN-SIP WCS as built by
-    :func:`sphx.wcs.arrays_to_wcs`.
+    :func:`sphx.wcs.arrays_to_wcs`. With ``parallax`` (per row [mas]) and ``observer``
+    (barycentric position [AU]) the sources are seen from the observer
+    (:func:`sphx.catalog.motion.propagate`, as :func:`sphx.catalog.query.query_catalog`
+    moves them); only the rows near the image are moved.
     """
     (xa, xb), (ya, yb) = x_range, y_range
     ra, dec = wcs.all_pix2world(np.array([(xa + xb) / 2, xa, xb, xa, xb]),
@@ -184,13 +189,25 @@ def sources_in_image(cat: np.ndarray, wcs: Any, x_range: tuple[float, float], y_
     u = unit_vectors(ra, dec)
     corner = float(np.arccos(np.clip(u[1:] @ u[0], -1.0, 1.0)).max())
     scale = math.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * math.pi / 180.0  # [rad / pixel]
-    near = near_rows(cat, u[0], min(corner + (margin + 2.0) * scale, math.pi), epoch)
+    reach = corner + (margin + 2.0) * scale
+    seen_from = parallax is not None and observer is not None
+    if seen_from:  # the parallactic shift is at most parallax x |observer|
+        largest = float(np.nanmax(parallax, initial=0.0)) * float(np.linalg.norm(observer)) * _MAS_TO_RAD
+        reach += max(largest, 0.0)
+    near = near_rows(cat, u[0], min(reach, math.pi), epoch)
+    moved = cat
+    if seen_from and near.size:
+        moved = cat[near]
+        mra, mdec = propagate(moved[:, RA], moved[:, DEC], moved[:, PMRA], moved[:, PMDEC], parallax[near],
+                              ref_epoch=moved[:, EPOCH], epoch=epoch, observer=observer)
+        moved[:, RA], moved[:, DEC], moved[:, EPOCH] = mra, mdec, epoch
+        moved[:, UX:UZ + 1] = unit_vectors(mra, mdec)
     order = SIP_ORDER + 1
     sip = wcs.sip
     a, b, ap, bp = (np.zeros((order, order)) if sip is None or getattr(sip, k) is None else
                     np.ascontiguousarray(getattr(sip, k), dtype=np.float64) for k in ("a", "b", "ap", "bp"))
-    x, y = pixels_at_epoch(cat, near, epoch, wcs.wcs.crval, np.linalg.inv(wcs.wcs.get_pc() * wcs.wcs.cdelt[:, None]),
-                            wcs.wcs.crpix, a, b, ap, bp)
+    x, y = pixels_at_epoch(moved, np.arange(near.size) if moved is not cat else near, epoch, wcs.wcs.crval,
+                           np.linalg.inv(wcs.wcs.get_pc() * wcs.wcs.cdelt[:, None]), wcs.wcs.crpix, a, b, ap, bp)
     keep = (np.isfinite(x) & np.isfinite(y) & (x >= xa - 0.5 - margin) & (x <= xb + 0.5 + margin)
             & (y >= ya - 0.5 - margin) & (y <= yb + 0.5 + margin))
     return near[keep], x[keep], y[keep]

@@ -11,26 +11,30 @@ pass's own solution instead. The reference flux is itself a median of noisy pixe
 its noise (and the pixel's own share in it) is removed from the fit, which would
 otherwise dilute the slope and shift the intercept (``reference_errors``).
 
-Graph: one task per batch of ``batch`` images per detector makes the nine regression
-sums (:data:`~sphx.kernels.dark_flat.N_SUMS` float64 maps); the batches are added in a
-tree (``split_every``) and solved per pixel. Memory is that of a few batches, whatever
-the number of images.
+Graph: the nine regression sums (:data:`~sphx.kernels.dark_flat.N_SUMS` float64 maps,
+300 MB for a full-size detector) are carried along ``chains`` chains per band; each task
+reads a batch of ``batch`` images and adds them to its chain's sums in place. The chains
+are added and solved per pixel. Memory is ``chains`` sums per band and a batch of images
+per thread, whatever the number of images. A new array per batch (a tree of per-batch
+sums) cost more than the arithmetic: the kernel maps a fresh 300 MB a page at a time.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import pydantic
 import xarray as xr
+from dask.base import tokenize
 
 from .. import flags as _flags
 from ..io.repository import Repository
-from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, key_starts, solve_sums
+from ..kernels.dark_flat import N_SUMS, accumulate_images, channel_keys, sampled_segments, solve_sums
 from ..levels import ELECTRON_RATE
-from .inputs import SolverInputs, band_maps
+from .inputs import SolverInputs, band_maps, read_images
 from .run import Solver, register_solver
 
 __all__ = ["DarkFlatConfig", "dark_flat_sums", "estimate_dark_flat", "flat_from_gain"]
@@ -53,8 +57,10 @@ class DarkFlatConfig(pydantic.BaseModel):
     reference_errors: bool = pydantic.Field(
         True, description="remove the reference flux's own noise (regression dilution) from the fit")
     min_images: int = pydantic.Field(20, ge=3, description="fewer images of a band are an error")
+    sample: int | None = pydantic.Field(
+        None, ge=1, description="reference medians from one pixel in sample (None: ~500 pixels per median)")
     batch: int = pydantic.Field(8, ge=1, description="images per task")
-    split_every: int = pydantic.Field(4, ge=2, description="batches added per reduction task")
+    chains: int = pydantic.Field(2, ge=1, description="sums per band (300 MB each at full size), added to in turn")
     fit_mask: tuple[str, ...] = _FIT_MASK
     reference_mask: tuple[str, ...] = (*_FIT_MASK, "HOT", "COLD", "DICHROIC")
 
@@ -72,23 +78,24 @@ def flat_from_gain(agm: np.ndarray, key: np.ndarray, n_segments: int) -> np.ndar
     return out
 
 
-def _partial(images, variances, flags, dark0, gain0, key, u, segment_u, starts, **kw):
-    # blockwise gives (1, k, ny, nx) pixel blocks and (1, ...) band maps
-    sums = accumulate_images(images[0], variances[0], flags=flags[0], key=key[0], u=u[0], segment_u=segment_u[0],
-                             dark0=dark0[0], gain0=gain0[0], starts=starts[0], **kw)
-    return sums[None, None]
+_REFERENCE_PIXELS = 500  # pixels per segment median that sample None aims at
 
 
-def _channel_maps(inputs: SolverInputs, config: DarkFlatConfig) -> dict[str, np.ndarray]:
-    """(band, ...) channel keys, positions along the channel, segment positions and where
-    each key starts among the pixels sorted by key: static geometry from CWAVE, computed
-    once per run."""
-    per_band = band_maps(inputs, lambda b, cwave: channel_keys(cwave, n_channels=config.n_channels,
-                                                               n_segments=config.n_segments))
+def _channel_maps(inputs: SolverInputs, config: DarkFlatConfig) -> list[dict[str, Any]]:
+    """Per band: channel keys, positions along the channel, segment positions, the
+    reference medians' sample and where each key starts among its pixels sorted by key:
+    static geometry from CWAVE, computed once per run."""
     n_keys = config.n_channels * config.n_segments
-    return {"key": np.stack([k for k, _, _ in per_band]), "u": np.stack([u for _, u, _ in per_band]),
-            "segment_u": np.stack([s for _, _, s in per_band]),
-            "starts": np.stack([key_starts(k.ravel(), n_keys) for k, _, _ in per_band])}
+    out = []
+    for key, u, _ in band_maps(inputs, lambda b, cwave: channel_keys(
+            cwave, n_channels=config.n_channels, n_segments=config.n_segments)):
+        step = config.sample
+        if step is None:
+            counts = np.bincount(key[key >= 0], minlength=n_keys)
+            step = max(1, int(np.median(counts[counts > 0])) // _REFERENCE_PIXELS) if counts.any() else 1
+        segment_u, starts = sampled_segments(key, u, n_keys=n_keys, sample=step)
+        out.append({"key": key, "u": u, "segment_u": segment_u, "sample": step, "starts": starts})
+    return out
 
 
 def _band_chunked(a: Any) -> da.Array:
@@ -97,46 +104,78 @@ def _band_chunked(a: Any) -> da.Array:
     return a.astype(np.float64).rechunk((1, -1, -1))
 
 
-def dark_flat_sums(inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, gain0: Any,
-                   maps: dict[str, np.ndarray] | None = None) -> da.Array:
+def _priors(dark0: np.ndarray, gain0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ascontiguousarray(dark0, dtype=np.float64), np.ascontiguousarray(gain0, dtype=np.float64)
+
+
+def _add_batch(chain: tuple[np.ndarray, frozenset] | None, repo: Repository, levels: dict[str, str], band: int,
+               obs: list[int], priors: tuple[np.ndarray, np.ndarray], maps: dict[str, Any], config: DarkFlatConfig,
+               shape: tuple[int, int]) -> tuple[np.ndarray, frozenset]:
+    """The task of a batch: its images read (not tasks of their own, which a scheduler
+    would run ahead of the chains) and added to the chain's sums in place. The sums carry
+    the batches already in them: a task run again (``retries``) does not add twice."""
+    sums, done = chain if chain is not None else (np.zeros((N_SUMS, *shape)), frozenset())
+    if obs[0] in done:
+        return sums, done
+    pixels = read_images(repo, levels, band=band, obs=obs)
+    c = config
+    accumulate_images(pixels["IMAGE"], pixels["VARIANCE"], flags=pixels["FLAGS"], key=maps["key"], u=maps["u"],
+                      segment_u=maps["segment_u"], starts=maps["starts"], sample=maps["sample"], dark0=priors[0],
+                      gain0=priors[1], n_segments=c.n_segments, degree=c.degree, clip=c.clip,
+                      fit_mask=int(_flags.mask(*c.fit_mask)), ref_mask=int(_flags.mask(*c.reference_mask)),
+                      sums=sums)
+    return sums, done | {obs[0]}
+
+
+def _add_chains(chains: list[tuple[np.ndarray, frozenset]]) -> np.ndarray:
+    total = chains[0][0].copy()
+    for sums, _ in chains[1:]:
+        total += sums
+    return total
+
+
+def dark_flat_sums(repo: Repository, inputs: SolverInputs, config: DarkFlatConfig, *, dark0: Any, gain0: Any,
+                   maps: list[dict[str, Any]] | None = None) -> da.Array:
     """Lazy (band, N_SUMS, y, x) regression sums over all images of ``inputs``.
 
     ``dark0`` and ``gain0`` are (band, y, x) prior maps (numpy, dask or xarray);
-    ``maps`` the channel geometry (computed when not given).
+    ``maps`` the channel geometry per band (computed when not given).
     """
     c = config
-    # (a no-op when the inputs were opened in batches: run_solver does)
-    pix = [inputs.pixels[n].data.rechunk({1: c.batch}) for n in ("IMAGE", "VARIANCE", "FLAGS")]
-    m = maps or _channel_maps(inputs, c)
-    key, u, seg_u, starts = (da.from_array(m[n], chunks=(1, *m[n].shape[1:]))
-                             for n in ("key", "u", "segment_u", "starts"))
-    partial = da.blockwise(
-        _partial, "bosyx", pix[0], "boyx", pix[1], "boyx", pix[2], "boyx", _band_chunked(dark0), "byx",
-        _band_chunked(gain0), "byx", key, "byx", u, "byx", seg_u, "bk", starts, "bq",
-        new_axes={"s": N_SUMS}, adjust_chunks={"o": 1}, dtype=np.float64, concatenate=True,
-        fit_mask=np.uint32(_flags.mask(*c.fit_mask)), ref_mask=np.uint32(_flags.mask(*c.reference_mask)),
-        n_segments=c.n_segments, degree=c.degree, clip=c.clip)
-    return _tree_sum(partial, axis=1, split_every=c.split_every)
+    maps = maps or _channel_maps(inputs, c)
+    levels = {n: inputs.levels[n] for n in ("IMAGE", "VARIANCE", "FLAGS")}
+    shape = (inputs.pixels.sizes["y"], inputs.pixels.sizes["x"])
+    labels = inputs.pixels["obs"].values
+    d0, g0 = _band_chunked(dark0), _band_chunked(gain0)
+    per_band = []
+    for i, band in enumerate(inputs.bands):
+        use = [int(o) for o in labels[inputs.present.values[i]]]
+        # keys of their own for every set of priors (the two passes of passes: 2)
+        token = tokenize(repo.location, c, d0.name, g0.name, use)
+        geometry = dask.delayed(maps[i], pure=True)
+        # one task per band: as arrays handed to every batch's task, the conversions were
+        # fused into each of them
+        priors = dask.delayed(_priors)(d0[i], g0[i], dask_key_name=f"dark-flat-priors-D{band}-{token}")
+        heads: list[Any] = [None] * c.chains
+        for k, first in enumerate(range(0, len(use), c.batch)):
+            group = use[first:first + c.batch]
+            heads[k % c.chains] = dask.delayed(_add_batch)(
+                heads[k % c.chains], repo, levels, int(band), group, priors, geometry, c, shape,
+                dask_key_name=f"dark-flat-sums-{group[0]}-D{band}-{token}")
+        total = dask.delayed(_add_chains)([h for h in heads if h is not None],
+                                          dask_key_name=f"dark-flat-total-D{band}-{token}")
+        per_band.append(da.from_delayed(total, (N_SUMS, *shape), np.float64))
+    return da.stack(per_band)
 
 
-def _tree_sum(x: da.Array, *, axis: int, split_every: int) -> da.Array:
-    """Sum of ``x`` over ``axis`` in a tree of ``split_every`` blocks per node, each node
-    adding its blocks into one new array: an ordinary dask sum concatenates them first,
-    a copy of all of them (a batch's sums are 300 MB at full size)."""
-    return da.reduction(x, chunk=_identity, combine=_add_blocks, aggregate=_add_blocks, axis=axis,
-                        concatenate=False, split_every=split_every, dtype=x.dtype)
-
-
-def _identity(block: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return block
-
-
-def _add_blocks(blocks: list[np.ndarray] | np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    blocks = blocks if isinstance(blocks, list) else [blocks]
-    total = blocks[0] + blocks[1] if len(blocks) > 1 else blocks[0].copy()
-    for block in blocks[2:]:
-        total += block
-    return total if keepdims else total.squeeze(axis)
+def _solved(sums: da.Array, *prior: da.Array, reference_errors: bool) -> da.Array:
+    """(band, 6, y, x) dark, its error, flat, its error, chi-square and samples, solved
+    in blocks of rows: the last band's solve is not one thread's alone."""
+    rows = -(-sums.shape[2] // 4)
+    sums = sums.rechunk((1, N_SUMS, rows, -1))
+    prior = tuple(p.rechunk((1, 1, rows, -1)) for p in prior)
+    return da.map_blocks(_solve_block, sums, *prior, dtype=np.float64, chunks=(sums.chunks[0], (6,), *sums.chunks[2:]),
+                         reference_errors=reference_errors)
 
 
 def _solve_block(sums: np.ndarray, *prior: np.ndarray, reference_errors: bool = True) -> np.ndarray:
@@ -182,23 +221,21 @@ def estimate_dark_flat(repo: Repository, inputs: SolverInputs, config: DarkFlatC
         gain0 = calibrations["flat_field"]["FLAT"].sel(band=bands)
     else:
         agm = _band_chunked(calibrations["abs_gain_matrix"]["ABS_GAIN"].sel(band=bands))
-        key = da.from_array(maps["key"], chunks=(1, -1, -1))
+        key = da.from_array(np.stack([m["key"] for m in maps]), chunks=(1, -1, -1))
         gain0 = da.map_blocks(lambda g, k: flat_from_gain(g[0], k[0], c.n_segments)[None], agm, key,
                               dtype=np.float64)
-    sums = dark_flat_sums(inputs, c, dark0=dark0, gain0=gain0, maps=maps)
+    sums = dark_flat_sums(repo, inputs, c, dark0=dark0, gain0=gain0, maps=maps)
     if c.passes == 2:
         # the first pass's solution is the prior of the second: the images are read again
-        first = sums.map_blocks(_solve_block, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]),
-                                reference_errors=c.reference_errors)
+        first = _solved(sums, reference_errors=c.reference_errors)
         d0, g0 = _band_chunked(dark0), _band_chunked(gain0)
-        sums = dark_flat_sums(inputs, c, dark0=da.where(da.isfinite(first[:, 0]), first[:, 0], d0),
+        sums = dark_flat_sums(repo, inputs, c, dark0=da.where(da.isfinite(first[:, 0]), first[:, 0], d0),
                               gain0=da.where(da.isfinite(first[:, 2]), first[:, 2], g0), maps=maps)
     prior = []
     if c.dark_prior and "DARK_ERR" in calibrations["dark"]:
         dark_err = calibrations["dark"]["DARK_ERR"].sel(band=bands)
         prior = [_band_chunked(dark0)[:, None], _band_chunked(dark_err)[:, None]]
-    solved = da.map_blocks(_solve_block, sums, *prior, dtype=np.float64, chunks=(1, 6, *sums.shape[2:]),
-                           reference_errors=c.reference_errors)
+    solved = _solved(sums, *prior, reference_errors=c.reference_errors)
     coords = {"band": np.asarray(bands, np.int64), "y": inputs.pixels["y"].values, "x": inputs.pixels["x"].values}
     dims = ("band", "y", "x")
 

@@ -201,7 +201,8 @@ def _footprint(cube: xr.Dataset, *, band: int, obs: int) -> np.ndarray:
     return np.column_stack(wcs.all_pix2world(np.array([x0, x1, x1, x0]), np.array([y0, y0, y1, y1]), 0))
 
 
-def batch_catalog(location: str, meta: xr.Dataset, *, band: int, epoch: float) -> pa.Table:
+def batch_catalog(location: str, meta: xr.Dataset, *, band: int, epoch: float,
+                  columns: Sequence[str] | None = None) -> pa.Table:
     """The catalogue rows any of a batch of images can use, as stored, in one read.
 
     ``meta`` holds the images' WCS (:data:`IMAGE_WCS`); ``epoch`` is the catalogue's own
@@ -209,12 +210,15 @@ def batch_catalog(location: str, meta: xr.Dataset, *, band: int, epoch: float) -
     image's :func:`~sphx.level3.photometry.image_catalog` on this table finds exactly the
     rows (and positions) it finds on the whole catalogue. One read per batch instead of
     one per image: a read cost about as much as a solver's work on the image.
+    ``columns``: those to read (of those the catalogue holds; None: all).
     """
     from ..io.repository import open_repository
 
     refcat = open_repository(location).open_table("refcat")
     footprints = [_footprint(meta, band=band, obs=int(o)) for o in meta["obs"].values]
-    table, _ = query_catalog(refcat, footprints=footprints, epoch=epoch, margin=2 * DEFAULT_MARGIN)
+    if columns is not None:
+        columns = [c for c in columns if c in refcat.schema.names]
+    table, _ = query_catalog(refcat, footprints=footprints, epoch=epoch, margin=2 * DEFAULT_MARGIN, columns=columns)
     partitioning = getattr(refcat, "partitioning", None)
     if partitioning is not None:  # without it the per-image queries test every row: a few thousand
         table = table.drop_columns([n for n in partitioning.schema.names if n in table.column_names])

@@ -37,13 +37,14 @@ import math
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
 import pydantic
 import xarray as xr
 
 from .. import flags as _flags
 from ..astrometry.catalog import CATALOG_WAVELENGTHS, F0, KIND, catalog_array, interpolate_flux, sources_in_image
-from ..ephemeris import julian_year
+from ..ephemeris import julian_year, observer_barycentric
 from ..errors import CalibrationError
 from ..io.repository import Repository
 from ..kernels.psf_stack import deconvolve_zones, stack_grid_size, stack_stars
@@ -52,7 +53,7 @@ from ..wcs import cube_wcs
 from .inputs import IMAGE_WCS, SolverInputs, batch_catalog, catalog_epoch, read_images
 from .run import Solver, register_solver
 
-__all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image"]
+__all__ = ["PsfConfig", "estimate_psf", "isolated_stars", "stack_image", "usable_pixels"]
 
 _SNR_FLOOR = 100.0  # star S/N (flux over one pixel's noise) at which a star's weight is 1/2
 _UJY_PER_MJY_SR_ARCSEC2 = 1e12 * (math.pi / (180.0 * 3600.0)) ** 2  # uJy per (MJy/sr x arcsec^2)
@@ -76,6 +77,24 @@ class PsfConfig(pydantic.BaseModel):
         3, ge=0, le=5, description="degree of the core + halo model's polynomials over the detector")
     batch: int = pydantic.Field(16, ge=1, description="images per task (one catalogue read)")
     chains: int = pydantic.Field(4, ge=1, description="accumulators per band (23 MB each), added to in turn")
+
+
+@numba.njit(nogil=True, cache=True)
+def usable_pixels(image: np.ndarray, variance: np.ndarray, flags: np.ndarray,
+                  mask: int) -> tuple[np.ndarray, float]:  # pragma: no cover - compiled
+    """The pixels with no ``mask`` bit in ``flags`` and a finite value, and the smallest
+    noise (square root of ``variance``) among them (inf if none): the noise floor under
+    any star the stacking can use."""
+    ny, nx = image.shape
+    usable = np.empty((ny, nx), np.bool_)
+    least = np.inf
+    for j in range(ny):
+        for i in range(nx):
+            ok = (flags[j, i] & mask) == 0 and np.isfinite(image[j, i])
+            usable[j, i] = ok
+            if ok and variance[j, i] < least:
+                least = variance[j, i]
+    return usable, math.sqrt(least) if least >= 0 else np.inf
 
 
 def _ring_offsets(inner: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +143,7 @@ def isolated_stars(x: np.ndarray, y: np.ndarray, flux: np.ndarray, candidates: n
 
 def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: np.ndarray, y: np.ndarray,
                 flux: np.ndarray, zone: np.ndarray, *, n_zones: int, oversampling: int, half_size: int,
-                mask: int = int(PHOTOMETRY_MASK),
+                mask: int = int(PHOTOMETRY_MASK), usable: np.ndarray | None = None,
                 out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stack one image's stars into per-zone accumulators.
 
@@ -142,6 +161,9 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
         Accumulator planes, grid oversampling, cutout half-size [pixel].
     mask
         FLAGS bits that make a pixel unusable.
+    usable
+        (ny, nx) bool, the pixels with no ``mask`` bit and a finite value, if known
+        (:func:`usable_pixels`).
     out
         ``(acc, stars)`` to add to in place (new zeros when None).
 
@@ -169,7 +191,8 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
     if not x.size:
         return acc, stars
     ny, nx = image.shape
-    usable = ((flags & np.uint32(mask)) == 0) & np.isfinite(image)
+    if usable is None:
+        usable = usable_pixels(image, variance, flags, mask)[0]
     cy, cx = np.mgrid[-1:2, -1:2]
     jy = np.clip(np.floor(y + 0.5).astype(np.int64)[:, None] + cy.ravel(), 0, ny - 1)
     jx = np.clip(np.floor(x + 0.5).astype(np.int64)[:, None] + cx.ravel(), 0, nx - 1)
@@ -196,40 +219,78 @@ def stack_image(image: np.ndarray, variance: np.ndarray, flags: np.ndarray, x: n
     return acc, stars
 
 
+# what the stacking reads of the catalogue
+_COLUMNS = ("ra", "dec", "ref_epoch", "pmra", "pmdec", "parallax", "kind", *CATALOG_WAVELENGTHS)
+
+
 def _stack_batch(repo, levels, meta, band, zone_x, zone_y, omega, cwave, oversampling, epoch, config, previous):
     """The task of a batch of images (``meta``: their per-image numbers): their pixels
     read (``levels``: variable -> level) and stacked onto a copy of the ``previous``
     batch's accumulators of the chain (None: zeros). The images are read here, not by
     tasks of their own, which a scheduler would run ahead of their chain (every image of
     the band in memory before the first stacking). The catalogue is read once for the
-    batch (:func:`~sphx.calibrate.inputs.batch_catalog`; ``epoch`` None: each image reads
-    the whole catalogue)."""
+    batch (:func:`~sphx.calibrate.inputs.batch_catalog`) and each image moves the rows
+    near it to its epoch and viewpoint; ``epoch`` None (rows of different epochs): each
+    image queries the whole catalogue."""
     size = stack_grid_size(half_size=config.half_size, oversampling=oversampling)
     # a copy, not the previous result itself: a task run again must find its input as it was
     out = (previous[0].copy(), previous[1].copy()) if previous is not None else \
         (np.zeros((2, zone_x.size, size, size)), np.zeros(zone_x.size, np.int64))
     obs = [int(o) for o in meta["obs"].values]
     pixels = read_images(repo, levels, band=band, obs=obs)
-    refcat = repo.open_table("refcat") if epoch is None else batch_catalog(repo.location, meta, band=band, epoch=epoch)
+    usable, floor = zip(*(usable_pixels(pixels["IMAGE"][k], pixels["VARIANCE"][k], pixels["FLAGS"][k],
+                                        int(PHOTOMETRY_MASK)) for k in range(len(obs))), strict=True)
+    batch = None
+    if epoch is not None:
+        table = batch_catalog(repo.location, meta, band=band, epoch=epoch, columns=_COLUMNS)
+        cat = catalog_array(table)
+        parallax = table.column("parallax").to_numpy() if "parallax" in table.column_names else None
+        # Most catalogue rows are too faint to be stacked or to crowd a star that is: a
+        # stacked star has at least min_snr times the noise floor of its image, and only
+        # neighbours brighter than max_neighbour times that count. The rows are sorted by
+        # their brightest flux in the band, and each image moves and projects only the
+        # rows above its limit (the stacks are the same).
+        brightest = _brightest(cat[:, F0:F0 + len(CATALOG_WAVELENGTHS)], np.nanmin(cwave), np.nanmax(cwave))
+        key = -np.nan_to_num(brightest, nan=np.inf)  # NaN (unknown) rows first, then the brightest
+        order = np.argsort(key, kind="stable")
+        batch = (cat[order], parallax[order] if parallax is not None else None, key[order])
+        scale = config.max_neighbour * config.min_snr * float(np.nanmin(omega)) * _UJY_PER_MJY_SR_ARCSEC2
     for k, o in enumerate(obs):
-        _stack_one(pixels["IMAGE"][k], pixels["VARIANCE"][k], pixels["FLAGS"][k], meta.isel(obs=[k]), refcat, band,
+        one = meta.isel(obs=[k])
+        if batch is None:  # the image's rows, already moved
+            cat, parallax = catalog_array(image_catalog(repo.open_table("refcat"), one, band=band, obs=o,
+                                                        columns=["source_id", *_COLUMNS])), None
+        else:
+            n = np.searchsorted(batch[2], -scale * floor[k])  # the rows brighter than the image's limit
+            cat, parallax = batch[0][:n], None if batch[1] is None else batch[1][:n]
+        _stack_one(pixels["IMAGE"][k], pixels["VARIANCE"][k], pixels["FLAGS"][k], usable[k], one, cat, parallax, band,
                    o, zone_x, zone_y, omega, cwave, oversampling, config, out)
     return out
 
 
-def _stack_one(image, variance, flags, meta, refcat, band, obs, zone_x, zone_y, omega, cwave, oversampling, config,
-               out):
-    table = image_catalog(refcat, meta, band=band, obs=obs,
-                          columns=["source_id", "ra", "dec", "ref_epoch", "pmra", "pmdec", "parallax", "kind",
-                                   *CATALOG_WAVELENGTHS])
-    if not table.num_rows:
-        return
-    cat = catalog_array(table)
+def _brightest(fluxes: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Upper bound of each row's F_nu between the wavelengths ``lo`` and ``hi`` [um]
+    (:func:`~sphx.astrometry.catalog.interpolate_flux` is monotonic between the
+    catalogue's points and beyond its ends); NaN where a point is NaN."""
+    n = fluxes.shape[0]
+    values = [interpolate_flux(fluxes, np.full(n, lo)), interpolate_flux(fluxes, np.full(n, hi))]
+    values += [np.maximum(fluxes[:, i], 1e-30) for i, lam in enumerate(CATALOG_WAVELENGTHS.values()) if lo < lam < hi]
+    return np.max(values, axis=0)
+
+
+def _stack_one(image, variance, flags, usable, meta, cat, parallax, band, obs, zone_x, zone_y, omega, cwave,
+               oversampling, config, out):
     x0, y0 = int(meta["x"].values[0]), int(meta["y"].values[0])
     ny, nx = image.shape
-    epoch = float(julian_year(float(meta["mjd_avg"].values[0])))
+    mjd = float(meta["mjd_avg"].values[0])
+    # seen from the spacecraft, as image_catalog sees them
+    observer = None if parallax is None else observer_barycentric(
+        mjd, meta["sc_position"].sel(sc_epoch="avg").values[0] if "sc_position" in meta else None)
     rows, x, y = sources_in_image(cat, cube_wcs(meta, band=band, obs=obs), (x0, x0 + nx - 1), (y0, y0 + ny - 1),
-                                  epoch, margin=config.isolation)
+                                  float(julian_year(mjd)), margin=config.isolation, parallax=parallax,
+                                  observer=observer)
+    if not rows.size:
+        return
     xs, ys = x - x0, y - y0
     ix = np.clip(np.floor(xs + 0.5).astype(np.int64), 0, nx - 1)
     iy = np.clip(np.floor(ys + 0.5).astype(np.int64), 0, ny - 1)
@@ -250,7 +311,7 @@ def _stack_one(image, variance, flags, meta, refcat, band, obs, zone_x, zone_y, 
     zx, zy = np.unique(zone_x) - x0, np.unique(zone_y) - y0
     kx = np.abs(xs[chosen, None] - zx[None, :]).argmin(axis=1)
     ky = np.abs(ys[chosen, None] - zy[None, :]).argmin(axis=1)
-    stack_image(image, variance, flags, xs[chosen], ys[chosen], flux_image[chosen], ky * zx.size + kx,
+    stack_image(image, variance, flags, xs[chosen], ys[chosen], flux_image[chosen], ky * zx.size + kx, usable=usable,
                 n_zones=zone_x.size, oversampling=oversampling, half_size=h, out=out)
 
 

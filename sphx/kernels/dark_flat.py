@@ -41,7 +41,7 @@ import numpy as np
 from .select import median
 
 __all__ = ["N_SUMS", "SUM_NAMES", "accumulate_images", "channel_keys", "key_starts", "median_variance",
-           "reference_fluxes", "solve_sums"]
+           "reference_fluxes", "reference_sample", "sampled_segments", "solve_sums"]
 
 SUM_NAMES = ("n", "w", "wx", "wy", "wxx", "wxy", "wyy", "wvx", "wcxy")
 N_SUMS = len(SUM_NAMES)
@@ -109,49 +109,86 @@ def channel_keys(cwave: np.ndarray, *, n_channels: int, n_segments: int,
     return key, np.ascontiguousarray(u), segment_u
 
 
-@numba.njit(nogil=True, cache=True)
-def _priors(dark0, gain0, dark, inverse, gain):  # pragma: no cover - compiled
-    # the prior dark (NaN: 0), the prior flat (NaN: 0) and its inverse (NaN where not
-    # positive), once per batch: a division per sample costs as much as the rest
-    for p in range(dark0.size):
-        d, g = dark0[p], gain0[p]
-        dark[p] = d if np.isfinite(d) else 0.0
-        gain[p] = g if np.isfinite(g) else 0.0
-        inverse[p] = 1.0 / g if g > 0 else np.nan
+@numba.njit(inline="always")
+def _prior(dark, gain):  # pragma: no cover - compiled
+    # the prior dark (NaN: 0), flat (NaN: 0) and the flat's inverse (NaN where not positive)
+    d = dark if np.isfinite(dark) else 0.0
+    g = gain if np.isfinite(gain) else 0.0
+    return d, g, 1.0 / g if g > 0 else np.nan
+
+
+_BLOCK = 64  # pixels of a row taken or left together by the reference's sample
+
+
+@numba.njit(inline="always")
+def _in_sample(j, i, sample):  # pragma: no cover - compiled
+    # one block of _BLOCK pixels in ``sample`` along each row, staggered from row to row:
+    # every row of a channel (a few rows tall, its wavelength changing across them) is
+    # represented alike, which every sample-th row would not be
+    return (j + i // _BLOCK) % sample == 0
+
+
+def reference_sample(shape: tuple[int, int], sample: int) -> np.ndarray:
+    """(ny, nx) bool: the pixels the reference medians take (one in ``sample``, in
+    blocks of 64 along each row, staggered from row to row)."""
+    j, i = np.indices(shape)
+    return (j + i // _BLOCK) % sample == 0
+
+
+def sampled_segments(key: np.ndarray, u: np.ndarray, *, n_keys: int, sample: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the medians of a reference sample lie and how many pixels they take.
+
+    Returns
+    -------
+    segment_u
+        (n_keys,) mean ``u`` of each key's sampled pixels (NaN if none): a median lies
+        where its pixels do (the sample's blocks do not centre on the segment's).
+    starts
+        :func:`key_starts` of the sampled pixels.
+    """
+    taken = reference_sample(key.shape, sample) & (key >= 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        segment_u = (np.bincount(key[taken], weights=u[taken], minlength=n_keys)
+                     / np.bincount(key[taken], minlength=n_keys))
+    return segment_u, key_starts(key[taken], n_keys)
 
 
 @numba.njit(nogil=True, cache=True)
-def _channel_stats(image, variance, flags, ref_mask, key, dark, inverse, gain, starts, n_segments, buf, out_median,
-                   out_count, out_inv_sigma_sum, out_weight):  # pragma: no cover - compiled
+def _channel_stats(image, variance, flags, ref_mask, key, dark, gain, starts, n_segments, sample, nx, buf,
+                   out_median, out_count, out_inv_sigma_sum, out_weight):  # pragma: no cover - compiled
     # Per key: the median, number and sum of 1/sigma (sigma = sqrt(variance) / gain, the
-    # noise of the values) of the reference values (image - dark) * inverse of the
-    # usable pixels (flags & ref_mask == 0, finite value); the sum is scaled up from the
-    # pixels with a usable variance to all of them. Per channel: the fit weight, the
-    # inverse of the mean variance of its usable pixels. One sequential pass drops each
-    # value into its key's stretch of ``buf`` (pixel order within a key, as a stable
-    # sort by key).
+    # noise of the values) of the reference values (image - dark) / gain of the usable
+    # pixels (flags & ref_mask == 0, finite value) of the sample (_in_sample); the sum is
+    # scaled up from the pixels with a usable variance to all of them. Per channel: the
+    # fit weight, the inverse of the mean variance of its usable pixels. One sequential
+    # pass drops each value into its key's stretch of ``buf`` (pixel order within a key,
+    # as a stable sort by key).
     n_keys = starts.size - 1
     var_sum = np.zeros(n_keys)
     var_n = np.zeros(n_keys)
     fill = np.zeros(n_keys, np.int64)
     known = np.zeros(n_keys, np.int64)
     s = np.zeros(n_keys)
-    for p in range(image.size):
-        g = key[p]
-        if g < 0 or flags[p] & ref_mask:
-            continue
-        v = np.float64(variance[p])
-        if np.isfinite(v):
-            var_sum[g] += v
-            var_n[g] += 1.0
-        x = (np.float64(image[p]) - dark[p]) * inverse[p]
-        if not np.isfinite(x):
-            continue
-        buf[starts[g] + fill[g]] = x
-        fill[g] += 1
-        if v > 0 and v < np.inf and gain[p] > 0:
-            s[g] += gain[p] / np.sqrt(v)
-            known[g] += 1
+    for j in range(image.size // nx):
+        for block in range((sample - j % sample) % sample, -(-nx // _BLOCK), sample):  # _in_sample
+            p0 = j * nx + block * _BLOCK
+            for p in range(p0, p0 + min(_BLOCK, nx - block * _BLOCK)):
+                g = key[p]
+                if g < 0 or flags[p] & ref_mask:
+                    continue
+                v = np.float64(variance[p])
+                if np.isfinite(v):
+                    var_sum[g] += v
+                    var_n[g] += 1.0
+                d, flat, inverse = _prior(dark[p], gain[p])
+                x = (np.float64(image[p]) - d) * inverse
+                if not np.isfinite(x):
+                    continue
+                buf[starts[g] + fill[g]] = x
+                fill[g] += 1
+                if v > 0 and v < np.inf and flat > 0:
+                    s[g] += flat / np.sqrt(v)
+                    known[g] += 1
     for g in range(n_keys):
         k = fill[g]
         out_count[g] = k
@@ -267,17 +304,17 @@ def _fit_channels(medians, counts, segment_u, seg_var, inv_sigma_sum, n_segments
                 cov_poly[g, i] = scale * h
 
 
-def _reference(image, variance, flags, ref_mask, key, dark, inverse, gain, segment_u, *, n_segments, degree,
-               min_pixels, starts, buf):
+def _reference(image, variance, flags, ref_mask, key, dark, gain, segment_u, *, n_segments, degree, min_pixels, starts,
+               buf, sample, nx):
     """Coefficients of each channel's reference in one image, of its variance and
     covariance with a pixel's noise (see :func:`_fit_channels`), and the channel weights
-    (see :func:`_channel_stats`; all raveled (ny * nx) arrays)."""
+    (see :func:`_channel_stats`; all raveled (ny * nx) arrays, rows of ``nx`` pixels)."""
     medians = np.empty(segment_u.size)
     counts = np.empty(segment_u.size, np.int64)
     inv_sigma_sum = np.empty(segment_u.size)
     n_channels, m = segment_u.size // n_segments, degree + 1
     weight = np.empty(n_channels)
-    _channel_stats(image, variance, flags, ref_mask, key, dark, inverse, gain, starts, n_segments, buf, medians,
+    _channel_stats(image, variance, flags, ref_mask, key, dark, gain, starts, n_segments, sample, nx, buf, medians,
                    counts, inv_sigma_sum, weight)
     seg_var = np.nan_to_num(median_variance(counts, inv_sigma_sum), nan=0.0, posinf=0.0)
     coef, var_poly, cov_poly = np.empty((n_channels, m)), np.empty((n_channels, 2 * m - 1)), np.empty((segment_u.size, m))
@@ -317,9 +354,9 @@ def reference_fluxes(image: np.ndarray, usable: np.ndarray, key: np.ndarray, seg
     flat_key = np.ascontiguousarray(key, dtype=np.int64).ravel()
     starts = starts if starts is not None else key_starts(flat_key, segment_u.size)
     zeros, ones = np.zeros(values.size), np.ones(values.size)
-    return _reference(values, zeros, flags, np.uint8(1), flat_key, zeros, ones, ones, segment_u,
-                      n_segments=n_segments, degree=degree, min_pixels=min_pixels, starts=starts,
-                      buf=np.empty(values.size))[0]
+    return _reference(values, zeros, flags, np.uint8(1), flat_key, zeros, ones, segment_u, n_segments=n_segments,
+                      degree=degree, min_pixels=min_pixels, starts=starts, buf=np.empty(values.size), sample=1,
+                      nx=np.shape(image)[-1])[0]
 
 
 def key_starts(flat_key: np.ndarray, n_keys: int) -> np.ndarray:
@@ -329,69 +366,112 @@ def key_starts(flat_key: np.ndarray, n_keys: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
+@numba.njit(inline="always")
+def _poly(c, q, u):  # pragma: no cover - compiled
+    # c[q] + c[q + 1] u + ... + c[q + n - 1] u^(n - 1) for a fixed-length padded stretch
+    return c[q] + u * (c[q + 1] + u * (c[q + 2] + u * c[q + 3]))
+
+
 @numba.njit(nogil=True, cache=True)
-def _accumulate(images, variances, flags, fit_mask, ref_mask, key, u, coef, var_poly, cov_poly, weight, dark, inverse,
-                gain, clip, n_segments, sums):  # pragma: no cover - compiled
-    # Row by row, all images of the batch into one row of sums, added to ``sums`` once
-    # per batch: the nine full-size sums are read and written once per batch, not once
-    # per image (the same additions in the same order as image after image).
+def _accumulate(images, variances, flags, fit_mask, ref_mask, key, u, coef, var_poly, cov_poly, weight, dark, gain,
+                clip, n_segments, sample, sums):  # pragma: no cover - compiled
+    # Pixel by pixel, all images of the batch into the nine sums. Along a row the pixels
+    # come in runs of one key (a dozen runs per row), whose per-image polynomials are
+    # gathered once per run. The sums that do not involve the pixel's value (n, w, wx,
+    # wxx, wvx) are polynomials in u whose coefficients are summed over the images once
+    # per run; per sample only the value's sums are added, and a rejected sample's share
+    # taken off the others (samples are rejected rarely: sources, outliers).
     n_images, ny, nx = images.shape
     m = coef.shape[2]
-    acc = np.empty((N_SUMS, nx))
-    channel = np.empty(nx, np.int64)
+    # per image: weight, then x (4), the covariance h (4) and the variance vx (8) of the
+    # reference as polynomials in u padded with zeros to degree 3 (x, h) and 7 (vx)
+    par = np.zeros((n_images, 17))
+    # over the images: n, w, then w x (4), w x^2 (8) and w vx (8) as polynomials in u
+    total = np.zeros(22)
+    clip2 = clip * clip
     for j in range(ny):
-        acc[:] = 0.0
-        for i in range(nx):
-            channel[i] = key[j, i] // n_segments
-        for b in range(n_images):
-            for i in range(nx):
-                k = key[j, i]
-                if k < 0:
-                    continue
-                f = flags[b, j, i]
-                if f & fit_mask:
-                    continue
-                c = channel[i]
+        i0 = 0
+        while i0 < nx:
+            k = key[j, i0]
+            i1 = i0 + 1
+            while i1 < nx and key[j, i1] == k:
+                i1 += 1
+            if k < 0:
+                i0 = i1
+                continue
+            c = k // n_segments
+            total[:] = 0.0
+            for b in range(n_images):
+                par[b, :] = 0.0
                 w = weight[b, c]
-                y = np.float64(images[b, j, i])
-                if not (w > 0) or not np.isfinite(y) or not np.isfinite(coef[b, c, 0]):
-                    continue
+                if not (w > 0 and np.isfinite(coef[b, c, 0])):
+                    continue  # no sample of this image enters (weight 0 marks it)
+                par[b, 0] = w
+                for p in range(m):
+                    par[b, 1 + p] = coef[b, c, p]
+                    par[b, 5 + p] = cov_poly[b, k, p]
+                for p in range(2 * m - 1):
+                    par[b, 9 + p] = var_poly[b, c, p]
+                total[0] += 1.0
+                total[1] += w
+                for p in range(m):
+                    total[2 + p] += w * coef[b, c, p]
+                    for q in range(m):
+                        total[6 + p + q] += w * coef[b, c, p] * coef[b, c, q]
+                for p in range(2 * m - 1):
+                    total[14 + p] += w * var_poly[b, c, p]
+            for i in range(i0, i1):
                 uu = u[j, i]
-                d = dark[j, i]
-                x = 0.0
-                h = 0.0
-                for p in range(m - 1, -1, -1):
-                    x = x * uu + coef[b, c, p]
-                    h = h * uu + cov_poly[b, k, p]
-                r = y - (d + gain[j, i] * x)
-                v = np.float64(variances[b, j, i])
-                if not (r * r <= clip * clip * v):  # also drops NaN variance
-                    continue
-                # variance of the reference at u, and its covariance with this pixel's
-                # noise through the pixel's own segment median (if it entered it)
-                vx = 0.0
-                for p in range(2 * m - 2, -1, -1):
-                    vx = vx * uu + var_poly[b, c, p]
-                in_ref = (f & ref_mask) == 0 and np.isfinite((y - d) * inverse[j, i])
-                cxy = h * np.sqrt(v) if in_ref and v > 0 else 0.0
-                acc[0, i] += 1.0
-                acc[1, i] += w
-                acc[2, i] += w * x
-                acc[3, i] += w * y
-                acc[4, i] += w * x * x
-                acc[5, i] += w * x * y
-                acc[6, i] += w * y * y
-                acc[7, i] += w * vx
-                acc[8, i] += w * cxy
-        for s in range(N_SUMS):
-            for i in range(nx):
-                sums[s, j, i] += acc[s, i]
+                d, g, inverse = _prior(dark[j, i], gain[j, i])
+                in_ref = _in_sample(j, i, sample)  # the pixel may have entered its segment's median
+                u4 = uu * uu * uu * uu
+                s0, s1, s2 = total[0], total[1], _poly(total, 2, uu)
+                s4 = _poly(total, 6, uu) + u4 * _poly(total, 10, uu)
+                s7 = _poly(total, 14, uu) + u4 * _poly(total, 18, uu)
+                s3 = s5 = s6 = s8 = 0.0
+                for b in range(n_images):
+                    w = par[b, 0]
+                    if w == 0.0:
+                        continue
+                    x = _poly(par[b], 1, uu)
+                    y = np.float64(images[b, j, i])
+                    v = np.float64(variances[b, j, i])
+                    f = flags[b, j, i]
+                    r = y - (d + g * x)
+                    # (also drops NaN values, references and variances)
+                    if f & fit_mask or not np.isfinite(y) or not (r * r <= clip2 * v):
+                        vx = _poly(par[b], 9, uu) + u4 * _poly(par[b], 13, uu)
+                        s0 -= 1.0
+                        s1 -= w
+                        s2 -= w * x
+                        s4 -= w * x * x
+                        s7 -= w * vx
+                        continue
+                    wy = w * y
+                    s3 += wy
+                    s5 += wy * x
+                    s6 += wy * y
+                    # the covariance of the reference at u with this pixel's noise through
+                    # the pixel's own segment median (if it entered it)
+                    if in_ref and (f & ref_mask) == 0 and v > 0 and np.isfinite((y - d) * inverse):
+                        s8 += w * _poly(par[b], 5, uu) * np.sqrt(v)
+                sums[0, j, i] += s0
+                sums[1, j, i] += s1
+                sums[2, j, i] += s2
+                sums[3, j, i] += s3
+                sums[4, j, i] += s4
+                sums[5, j, i] += s5
+                sums[6, j, i] += s6
+                sums[7, j, i] += s7
+                sums[8, j, i] += s8
+            i0 = i1
 
 
 def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndarray | None = None,
                       ref_ok: np.ndarray | None = None, *, key: np.ndarray, u: np.ndarray, segment_u: np.ndarray,
                       dark0: np.ndarray, gain0: np.ndarray, n_segments: int, degree: int = 1, clip: float = 5.0,
-                      min_pixels: int = 20, starts: np.ndarray | None = None, sums: np.ndarray | None = None, flags: np.ndarray | None = None, fit_mask: int = 0,
+                      min_pixels: int = 20, sample: int = 1, starts: np.ndarray | None = None,
+                      sums: np.ndarray | None = None, flags: np.ndarray | None = None, fit_mask: int = 0,
                       ref_mask: int = 0) -> np.ndarray:
     """Regression sums of a batch of images of one detector.
 
@@ -413,8 +493,16 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
         measured on ``(image - dark0) / gain0`` and samples farther than ``clip``
         standard deviations (square root of ``variances``) from ``dark0 + gain0 x`` are
         left out.
-    n_segments, degree, min_pixels, starts
-        See :func:`reference_fluxes`.
+    n_segments, degree, min_pixels
+        See :func:`reference_fluxes` (``degree`` at most 3).
+    sample
+        The reference medians take one pixel in ``sample`` (:func:`reference_sample`;
+        ``segment_u`` and ``starts`` from :func:`sampled_segments`). A full-size
+        detector has ~2000 pixels per segment: a quarter of them measure the median to
+        1/20 of one pixel's noise.
+    starts
+        Where each key's pixels start in the sample sorted by key (computed when not
+        given).
     sums
         (N_SUMS, ny, nx) float64 to add to in place (new zeros when None).
 
@@ -428,18 +516,18 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
     segment's median), from ``variances``; :func:`solve_sums` removes them.
     """
     k, ny, nx = images.shape
+    if not 0 <= degree <= 3:
+        raise ValueError(f"degree must be 0 to 3, not {degree}")
     if sums is None:
         sums = np.zeros((N_SUMS, ny, nx))
     if flags is None:
         flags = (~np.asarray(fit_ok, dtype=bool)).astype(np.uint8) | ((~np.asarray(ref_ok, dtype=bool)) * np.uint8(2))
         fit_mask, ref_mask = 1, 2
     flag_type = flags.dtype.type
-    flat_key = np.ascontiguousarray(key, dtype=np.int64).ravel()
+    key = np.ascontiguousarray(key, dtype=np.int64)
     if starts is None:
-        starts = key_starts(flat_key, segment_u.size)
-    d0, inverse, g0 = np.empty((ny, nx)), np.empty((ny, nx)), np.empty((ny, nx))
-    _priors(np.ascontiguousarray(dark0, dtype=np.float64).ravel(), np.ascontiguousarray(gain0, dtype=np.float64).ravel(),
-            d0.ravel(), inverse.ravel(), g0.ravel())
+        starts = sampled_segments(key, np.broadcast_to(u, key.shape), n_keys=segment_u.size, sample=sample)[1]
+    dark0, gain0 = (np.ascontiguousarray(a, dtype=np.float64) for a in (dark0, gain0))
     n_channels, m = segment_u.size // n_segments, degree + 1
     coef, var_poly = np.empty((k, n_channels, m)), np.empty((k, n_channels, 2 * m - 1))
     cov_poly, weight = np.empty((k, segment_u.size, m)), np.empty((k, n_channels))
@@ -450,11 +538,12 @@ def accumulate_images(images: np.ndarray, variances: np.ndarray, fit_ok: np.ndar
     # sky the rest.
     for b in range(k):
         coef[b], var_poly[b], cov_poly[b], weight[b] = _reference(
-            images[b].ravel(), variances[b].ravel(), flags[b].ravel(), flag_type(ref_mask), flat_key, d0.ravel(),
-            inverse.ravel(), g0.ravel(), segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels,
-            starts=starts, buf=buf)
-    _accumulate(images, variances, flags, flag_type(fit_mask), flag_type(ref_mask), key, u, coef, var_poly, cov_poly,
-                weight, d0, inverse, g0, float(clip), n_segments, sums)
+            images[b].ravel(), variances[b].ravel(), flags[b].ravel(), flag_type(ref_mask), key.ravel(), dark0.ravel(),
+            gain0.ravel(), segment_u, n_segments=n_segments, degree=degree, min_pixels=min_pixels, starts=starts,
+            buf=buf, sample=sample, nx=nx)
+    _accumulate(images, variances, flags, flag_type(fit_mask), flag_type(ref_mask), key,
+                np.ascontiguousarray(u, dtype=np.float64), coef, var_poly, cov_poly, weight, dark0, gain0, float(clip),
+                n_segments, sample, sums)
     return sums
 
 
