@@ -94,7 +94,7 @@ def usable_pixels(image: np.ndarray, variance: np.ndarray, flags: np.ndarray,
             usable[j, i] = ok
             if ok and variance[j, i] < least:
                 least = variance[j, i]
-    return usable, math.sqrt(least) if least >= 0 else np.inf
+    return usable, math.sqrt(max(least, 0.0))
 
 
 def _ring_offsets(inner: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:

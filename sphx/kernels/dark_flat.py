@@ -11,9 +11,9 @@ channel's typical pixel (the flat field) and the intercept ``D`` its dark curren
 
 The fit is a weighted least-squares fit from nine sums per pixel
 (:data:`N_SUMS`: ``n, w, wx, wy, wxx, wxy, wyy, wvx, wcxy``), which one image or a batch
-of images produces and which add up over any number of batches, in any order (a tree
-reduction). Samples more than ``clip`` standard deviations from a prior model
-``D0 + G0 x`` (the previous calibration, or a first pass) are left out.
+of images produces and which add up over any number of batches, in any order. Samples
+more than ``clip`` standard deviations from a prior model ``D0 + G0 x`` (the previous
+calibration, or a first pass) are left out.
 
 **Errors in the reference.** The reference is itself measured: the median of the ``N``
 pixels of a segment has the noise variance ``V = (pi/2) / (N mean(1/sigma)**2) * N / (N + a)``
