@@ -259,7 +259,7 @@ def _stack_batch(repo, levels, meta, band, zone_x, zone_y, omega, cwave, oversam
         one = meta.isel(obs=[k])
         if batch is None:  # the image's rows, already moved
             cat, parallax = catalog_array(image_catalog(repo.open_table("refcat"), one, band=band, obs=o,
-                                                        columns=["source_id", *_COLUMNS])), None
+                                                        columns=list(_COLUMNS))), None
         else:
             n = np.searchsorted(batch[2], -scale * floor[k])  # the rows brighter than the image's limit
             cat, parallax = batch[0][:n], None if batch[1] is None else batch[1][:n]
