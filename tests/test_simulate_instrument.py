@@ -9,7 +9,7 @@ from scipy import integrate
 from sphx import flags
 from sphx.instrument import SPHEREX, SPHEREX_SMALL
 from sphx.kernels import persistence
-from sphx.kernels.nonlinearity import measured_rate, nonlinear_charge, true_rate
+from sphx.kernels.nonlinearity import full_well, measured_rate, nonlinear_charge, true_rate
 from sphx.kernels.ramp import ols_weights, slope_variance
 from sphx.simulate import optics
 from sphx.simulate.config import DetectorConfig
@@ -65,6 +65,16 @@ def test_nonlinearity_is_identity_below_onset_and_compresses_above():
     assert np.all(used == LAST - FIRST + 1)
     for r, got in zip(rates.ravel(), m.ravel(), strict=True):
         assert got == pytest.approx(_ramp_slope(r)[0], rel=1e-10)
+
+
+def test_reported_charge_saturates_at_the_full_well():
+    q = np.linspace(0.0, 3e5, 3001)
+    g = nonlinear_charge(q, *PARS.values())
+    assert np.all(np.diff(g) >= 0) and g[0] == 0.0
+    d = np.linspace(0.0, 2e5, 400001)
+    peak = PARS["q_nl"] + d * (1 + d * (PARS["b1"] + d * (PARS["b2"] + d * PARS["b3"])))
+    assert float(full_well(*PARS.values())) == pytest.approx(peak.max(), rel=1e-9)
+    assert g[-1] == pytest.approx(peak.max(), rel=1e-9)
 
 
 def test_nonlinearity_inverts_exactly():
@@ -249,3 +259,29 @@ def test_detector_properties_and_masks():
     assert np.all(d > 0) and np.allclose(slope, 0.7, atol=1e-3)
     assert det.gain.shape == (32,) and np.all((det.gain >= 1.0) & (det.gain <= 1.4))
     assert det.fullsample.shape[1] == 2 and len(det.fullsample) >= 4
+
+
+@pytest.mark.parametrize("overflow_adu", [25000.0, 40000.0])
+def test_every_pixel_trips_the_overflow_before_its_full_well(overflow_adu):
+    # A ramp that reaches its full well and is not stopped by the on-board overflow
+    # first gives a slope that passes for a fainter, valid one. The previous draws (the
+    # polynomial bending back past its turnover, full wells from 28 000 electrons) left
+    # 1.4 % of the truly non-linear pixels of a survey unflagged, at -3600 to +0.99 times
+    # their value. 40 000 adu (56 000 electrons at the highest gain) is above every drawn
+    # full well: there the non-linearity is stretched.
+    cfg = DetectorConfig(overflow_adu=overflow_adu)
+    det = make_detector(SPHEREX_SMALL, 1, cfg, np.random.default_rng(2))
+    limit = np.full(det.q_nl.shape, overflow_adu * det.gain.max())
+    pars = (det.q_nl, det.b1, det.b2, det.b3)
+    # the polynomial's largest value past the onset, on a grid of 100 electrons
+    b = [np.asarray(a, np.float64)[..., None] for a in pars[1:]]
+    full = np.zeros(det.q_nl.shape)
+    for d in np.split(np.arange(0.0, 2e5, 100.0), 20):
+        full = np.maximum(full, (d * (1 + d * (b[0] + d * (b[1] + d * b[2])))).max(axis=-1))
+    assert np.all(det.q_nl + full > limit)
+    rates = np.geomspace(10.0, 1e5, 60)
+    slopes = np.array([measured_rate(np.full(det.q_nl.shape, r), *pars, limit=limit) for r in rates])
+    whole = slopes[:, 1] == LAST - FIRST + 1  # not flagged OVERFLOW
+    assert whole[0].all() and not whole[-1].any() and np.all(whole[1:] <= whole[:-1])
+    # every slope fitted over the whole ramp belongs to exactly one current
+    assert np.all(np.diff(slopes[:, 0], axis=0)[whole[1:]] > 0)

@@ -10,6 +10,9 @@ with per-pixel ``b1`` [1/electron], ``b2`` [1/electron^2], ``b3`` [1/electron^3]
 (the parameter names of the SPHEREx ``nonlinear_pars`` product: ``Q_nl, b1, b2, b3,
 Qmax``). ``g`` and its slope are continuous at the onset. ``Qmax`` is the largest
 charge for which the correction is trusted (the pipeline sets NONLINEAR above it).
+Where the polynomial turns over (its slope reaches zero) the pixel is full: ``g``
+stays at that largest value, its full well (:func:`full_well`); a reported charge
+never falls as charge collects.
 
 Slopes are fitted on board, so non-linearity acts on the *fitted rate*: a pixel with
 true current ``i`` reports the ordinary least-squares slope of ``g(i t_k)`` over the
@@ -23,7 +26,28 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["measured_rate", "nonlinear_charge", "true_rate"]
+__all__ = ["full_well", "measured_rate", "nonlinear_charge", "true_rate"]
+
+
+@numba.njit(inline="always")
+def _slope(d, b1, b2, b3):
+    # dg/dQ of the polynomial at d = Q - Q_nl
+    return 1.0 + d * (2.0 * b1 + d * (3.0 * b2 + d * 4.0 * b3))
+
+
+@numba.njit(nogil=True, cache=True)
+def _turnover(d, b1, b2, b3):  # pragma: no cover - compiled
+    # where the polynomial's slope reaches zero in (0, d], given a slope <= 0 at d
+    # (bisection: the slope is 1 at the onset; one root where it falls monotonically, as
+    # for the parameters the simulator draws)
+    lo, hi = 0.0, d
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _slope(mid, b1, b2, b3) > 0.0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @numba.njit(inline="always")
@@ -31,6 +55,8 @@ def _g(q, q_nl, b1, b2, b3):
     if q <= q_nl:
         return q
     d = q - q_nl
+    if _slope(d, b1, b2, b3) <= 0.0:  # past the full well
+        d = _turnover(d, b1, b2, b3)
     return q_nl + d * (1.0 + d * (b1 + d * (b2 + d * b3)))
 
 
@@ -38,15 +64,27 @@ def _g(q, q_nl, b1, b2, b3):
 def _dg(q, q_nl, b1, b2, b3):
     if q <= q_nl:
         return 1.0
-    d = q - q_nl
-    return 1.0 + d * (2.0 * b1 + d * (3.0 * b2 + d * 4.0 * b3))
+    return max(_slope(q - q_nl, b1, b2, b3), 0.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _charge(q, q_nl, b1, b2, b3, out):  # pragma: no cover - compiled
+    for k in range(out.size):
+        out[k] = _g(q[k], q_nl[k], b1[k], b2[k], b3[k])
 
 
 def nonlinear_charge(q: np.ndarray, q_nl: np.ndarray, b1: np.ndarray, b2: np.ndarray, b3: np.ndarray) -> np.ndarray:
-    """Reported charge ``g(Q)`` for collected charge ``q`` [electron] (numpy, broadcasting)."""
-    q = np.asarray(q, dtype=np.float64)
-    d = np.maximum(q - q_nl, 0.0)
-    return np.where(q <= q_nl, q, q_nl + d * (1.0 + d * (b1 + d * (b2 + d * b3))))
+    """Reported charge ``g(Q)`` for collected charge ``q`` [electron] (broadcasting)."""
+    arrays = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (q, q_nl, b1, b2, b3)))
+    out = np.empty(arrays[0].shape)
+    _charge(*(np.ascontiguousarray(a).ravel() for a in arrays), out.ravel())
+    return out
+
+
+def full_well(q_nl: np.ndarray, b1: np.ndarray, b2: np.ndarray, b3: np.ndarray) -> np.ndarray:
+    """The largest charge a pixel reports, ``g`` at its turnover [electron] (its value
+    10^7 electrons past the onset if it has not turned over by then)."""
+    return nonlinear_charge(np.asarray(q_nl, np.float64) + 1e7, q_nl, b1, b2, b3)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

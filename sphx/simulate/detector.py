@@ -12,7 +12,8 @@ flat field                    a smooth low-order surface (+-4 %) times pixel noi
 read noise                    per frame, log-normal about ``read_noise`` [electron]
 electronic gains              32 per detector [electron / adu]
 non-linearity                 ``Q_nl, b1, b2, b3`` (:mod:`sphx.kernels.nonlinearity`)
-                              and ``Qmax``, where the slope of ``g`` drops to 0.7
+                              and ``Qmax``, where the slope of ``g`` drops to 0.7;
+                              ``g`` turns over (full well) above the overflow limit
 trap density                  relative persistence trap density, log-normal about 1
 full-sample pixels            a fixed set whose every read is downlinked
 reference offsets             per readout channel [adu / s]
@@ -28,6 +29,7 @@ import numpy as np
 
 from .. import flags as _flags
 from ..instrument import Instrument
+from ..kernels.nonlinearity import full_well
 from .config import DetectorConfig
 
 __all__ = ["Detector", "make_detector"]
@@ -101,6 +103,19 @@ def _qmax(q_nl, b1, b2, b3, slope: float = 0.7) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _below_overflow(q_nl, b1, b2, b3, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-linearity whose turnover lies above ``limit`` [electron] in every pixel.
+
+    Past the turnover a ramp bends back: its fitted slope passes for a fainter, valid one
+    that no flag marks, unless the ramp trips the on-board overflow limit first. Where
+    the draw puts the full well below ``limit``, the non-linearity is stretched along the
+    charge axis (``b_k -> b_k s^k`` moves the full well to ``Q_nl + (g_max - Q_nl) / s``).
+    """
+    full = full_well(q_nl, b1, b2, b3)
+    s = np.where(full < limit, (full - q_nl) / np.maximum(limit - q_nl, 1.0), 1.0)
+    return b1 * s, b2 * s**2, b3 * s**3
+
+
 def make_detector(instrument: Instrument, band: int, config: DetectorConfig, rng: np.random.Generator) -> Detector:
     """Draw the true properties of detector ``band``."""
     n = instrument.n_active
@@ -134,9 +149,10 @@ def make_detector(instrument: Instrument, band: int, config: DetectorConfig, rng
         masks[sel] |= np.uint32(_flags.Flag[name])
 
     q_nl = rng.normal(config.nonlinearity_onset, 0.1 * config.nonlinearity_onset, (n, n)).clip(1000)
-    b1 = rng.normal(-8e-6, 1e-6, (n, n))
-    b2 = rng.normal(2e-11, 0.5e-11, (n, n))
-    b3 = rng.normal(-5e-16, 1e-16, (n, n))
+    # about 8 % below linear at 30 000 electrons; full well 40 000 - 53 000 reported electrons
+    b1, b2, b3 = _below_overflow(q_nl, rng.normal(-5e-6, 0.6e-6, (n, n)), rng.normal(1e-11, 0.25e-11, (n, n)),
+                                 rng.normal(-2e-16, 0.4e-16, (n, n)),
+                                 limit=1.05 * config.overflow_adu * config.gain_range[1])
     nr = instrument.n_raw
     read_noise = config.read_noise * rng.lognormal(0.0, 0.15, (nr, nr))
 
