@@ -26,7 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["full_well", "measured_rate", "nonlinear_charge", "true_rate"]
+__all__ = ["charge_at_slope", "full_well", "measured_rate", "nonlinear_charge", "true_rate"]
 
 
 @numba.njit(inline="always")
@@ -36,14 +36,16 @@ def _slope(d, b1, b2, b3):
 
 
 @numba.njit(nogil=True, cache=True)
-def _turnover(d, b1, b2, b3):  # pragma: no cover - compiled
-    # where the polynomial's slope reaches zero in (0, d], given a slope <= 0 at d
+def _at_slope(d, b1, b2, b3, slope):  # pragma: no cover - compiled
+    # where the polynomial's slope falls to ``slope`` (< 1) in (0, d]; d if it stays above
     # (bisection: the slope is 1 at the onset; one root where it falls monotonically, as
     # for the parameters the simulator draws)
+    if _slope(d, b1, b2, b3) > slope:
+        return d
     lo, hi = 0.0, d
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if _slope(mid, b1, b2, b3) > 0.0:
+        if _slope(mid, b1, b2, b3) > slope:
             lo = mid
         else:
             hi = mid
@@ -56,7 +58,7 @@ def _g(q, q_nl, b1, b2, b3):
         return q
     d = q - q_nl
     if _slope(d, b1, b2, b3) <= 0.0:  # past the full well
-        d = _turnover(d, b1, b2, b3)
+        d = _at_slope(d, b1, b2, b3, 0.0)
     return q_nl + d * (1.0 + d * (b1 + d * (b2 + d * b3)))
 
 
@@ -78,6 +80,21 @@ def nonlinear_charge(q: np.ndarray, q_nl: np.ndarray, b1: np.ndarray, b2: np.nda
     arrays = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (q, q_nl, b1, b2, b3)))
     out = np.empty(arrays[0].shape)
     _charge(*(np.ascontiguousarray(a).ravel() for a in arrays), out.ravel())
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _charges_at_slope(q_nl, b1, b2, b3, slope, out):  # pragma: no cover - compiled
+    for k in range(out.size):
+        out[k] = q_nl[k] + _at_slope(1e6, b1[k], b2[k], b3[k], slope)
+
+
+def charge_at_slope(q_nl: np.ndarray, b1: np.ndarray, b2: np.ndarray, b3: np.ndarray, slope: float) -> np.ndarray:
+    """Collected charge [electron] where ``dg/dQ`` falls to ``slope`` (< 1; at most 10^6
+    electrons past the onset): ``Qmax`` at 0.7, the full well's charge at 0."""
+    arrays = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (q_nl, b1, b2, b3)))
+    out = np.empty(arrays[0].shape)
+    _charges_at_slope(*(np.ascontiguousarray(a).ravel() for a in arrays), float(slope), out.ravel())
     return out
 
 

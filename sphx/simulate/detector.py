@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from .. import flags as _flags
 from ..instrument import Instrument
-from ..kernels.nonlinearity import full_well
+from ..kernels.nonlinearity import charge_at_slope, full_well
 from .config import DetectorConfig
 
 __all__ = ["Detector", "make_detector"]
@@ -74,33 +73,6 @@ def _pick(rng: np.random.Generator, free: np.ndarray, fraction: float) -> np.nda
     out = np.zeros(free.size, dtype=bool)
     out[chosen] = True
     return out.reshape(free.shape)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _qmax_kernel(q_nl, b1, b2, b3, slope, out):
-    ny, nx = out.shape
-    for y in numba.prange(ny):
-        for x in range(nx):
-            d = 0.0
-            for _ in range(100):
-                f = 1 + d * (2 * b1[y, x] + d * (3 * b2[y, x] + d * 4 * b3[y, x])) - slope
-                df = 2 * b1[y, x] + d * (6 * b2[y, x] + d * 12 * b3[y, x])
-                step = f / df
-                d = min(max(d - step, 1.0), 1e6)
-                if abs(step) < 1e-3:
-                    break
-            out[y, x] = q_nl[y, x] + d
-
-
-def _qmax(q_nl, b1, b2, b3, slope: float = 0.7) -> np.ndarray:
-    """Charge where dg/dQ falls to ``slope``.
-
-    The parameter ranges drawn keep d2g/dQ2 < 0, so dg/dQ falls monotonically and
-    Newton's method from the onset converges to the one root.
-    """
-    out = np.empty(q_nl.shape)
-    _qmax_kernel(q_nl, b1, b2, b3, slope, out)
-    return out.astype(np.float32)
 
 
 def _below_overflow(q_nl, b1, b2, b3, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,7 +142,7 @@ def make_detector(instrument: Instrument, band: int, config: DetectorConfig, rng
         b1=b1.astype(f32),
         b2=b2.astype(f32),
         b3=b3.astype(f32),
-        q_max=_qmax(q_nl, b1, b2, b3),
+        q_max=charge_at_slope(q_nl, b1, b2, b3, 0.7).astype(f32),
         trap_density=rng.lognormal(0.0, 0.3, (n, n)).astype(f32),
         offset=rng.normal(0.0, config.reference_offset, instrument.n_readout_channels).astype(f32),
         masks=masks,
